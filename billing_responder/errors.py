@@ -1,0 +1,58 @@
+"""Every error billing-responder raises on purpose, in one tree.
+
+    BillingResponderError
+    ├── ConfigError            bad config file or key; exit 2 (names the file and the key)
+    ├── UsageError             bad command-line usage or input file; exit 2
+    ├── FatalServiceError      a service refuses us for good (bad Stripe key, Gmail unreachable
+    │   │                      after retries); exit 1
+    │   └── GmailAuthError     the Gmail credentials are missing, expired or revoked; exit 1
+    └── TransientServiceError  one message could not be processed now (rate limit, 5xx, timeout);
+                               the message stays unanswered and unmarked for the next cycle
+
+The CLI is the only place that turns these into messages and exit codes; the library raises them
+with enough context to say what happened and what to do.
+"""
+
+from __future__ import annotations
+
+
+class BillingResponderError(Exception):
+    """Base of every error billing-responder raises on purpose."""
+
+
+class ConfigError(BillingResponderError):
+    """The configuration file is missing, unreadable or has a bad key."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + problem)
+
+
+class UsageError(BillingResponderError):
+    """The command was called wrongly, or an input file cannot be used."""
+
+
+class FatalServiceError(BillingResponderError):
+    """A service refuses us in a way no retry fixes; the whole run must stop."""
+
+    def __init__(self, service: str, message: str) -> None:
+        self.service = service
+        super().__init__(f"{service}: {message}")
+
+
+class GmailAuthError(FatalServiceError):
+    """Gmail credentials are missing, expired or revoked."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("Gmail", message)
+
+
+class TransientServiceError(BillingResponderError):
+    """A call failed in a way a later cycle may not; the message is left for the next cycle."""
+
+    def __init__(self, service: str, message: str) -> None:
+        self.service = service
+        super().__init__(f"{service}: {message}")
