@@ -3,9 +3,10 @@
     BillingResponderError
     ├── ConfigError            bad config file or key; exit 2 (names the file and the key)
     ├── UsageError             bad command-line usage or input file; exit 2
-    ├── FatalServiceError      a service refuses us for good (bad Stripe key, Gmail unreachable
-    │   │                      after retries); exit 1
-    │   └── GmailAuthError     the Gmail credentials are missing, expired or revoked; exit 1
+    ├── FatalServiceError      a service refuses us, so no cycle can run (bad Stripe key); exit 1
+    │   ├── GmailAuthError     the Gmail credentials are missing, expired or revoked; exit 1
+    │   └── ServiceUnavailableError  a service is unreachable after retries: `once` exits 1,
+    │                          the daemon logs it and tries again at the next interval
     └── TransientServiceError  one message could not be processed now (rate limit, 5xx, timeout);
                                the message stays unanswered and unmarked for the next cycle
 
@@ -48,6 +49,10 @@ class GmailAuthError(FatalServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__("Gmail", message)
+
+
+class ServiceUnavailableError(FatalServiceError):
+    """A service did not answer usefully even after retries; a later cycle may do better."""
 
 
 class TransientServiceError(BillingResponderError):

@@ -229,7 +229,8 @@ def _make_handler(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(response.body)
 
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
+        # http.server dispatches on these exact names.
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle  # noqa: N815
 
         def log_message(self, format: str, *args: Any) -> None:
             # The request log is the record; stderr noise would drown test and demo output.

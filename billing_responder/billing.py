@@ -1,0 +1,162 @@
+"""The Stripe side: an adapter over ``stripe.StripeClient`` (the only module that imports stripe).
+
+:class:`StripeBilling` looks customers up by email and mints Billing Portal sessions, mapping
+stripe-python's exceptions onto the project's error tree:
+
+- authentication and permission errors → :class:`FatalServiceError` (the key is wrong for good);
+- rate limits, connection errors, 5xx, anything Stripe marks ``Stripe-Should-Retry: true`` →
+  retried here, then :class:`TransientServiceError` (the message waits for the next cycle);
+- other API errors about one request → :class:`TransientServiceError` too, with Stripe's message,
+  so a message is never marked handled when no link was minted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import stripe
+from stripe.params.billing_portal import SessionCreateParams
+
+from billing_responder.errors import FatalServiceError, TransientServiceError
+from billing_responder.model import Customer, PortalSession
+from billing_responder.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if not isinstance(exc, stripe.StripeError):
+        return False
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return False
+    should_retry = (exc.headers or {}).get("stripe-should-retry")
+    if should_retry is not None:
+        return should_retry == "true"
+    if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
+        return True
+    return exc.http_status is not None and exc.http_status >= 500
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    if isinstance(exc, stripe.StripeError):
+        value = (exc.headers or {}).get("retry-after")
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+#: Stripe: stripe-python does not retry a plain 429 itself, so every retry happens here.
+STRIPE_RETRY = RetryPolicy("Stripe", retryable=_is_retryable, retry_after=_retry_after)
+
+
+def key_mode(api_key: str) -> str:
+    """``test`` or ``live``, from the key's prefix; the key itself is never shown."""
+    return "live" if "_live_" in api_key else "test"
+
+
+class StripeBilling:
+    """Stripe, through the real ``stripe.StripeClient``."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base: str = "",
+        return_url: str,
+        portal_configuration: str = "",
+        locale: str = "",
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        base_addresses: Any = {"api": api_base} if api_base else None
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses=base_addresses,
+            # Retries are ours (one policy, visible in logs), not the library's hidden ones.
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=timeout_seconds),
+        )
+        self._return_url = return_url
+        self._configuration = portal_configuration
+        self._locale = locale
+
+    def verify(self) -> None:
+        """Make one cheap authenticated call, so a wrong key fails the start, not a reply."""
+        self._call(lambda: self._client.v1.customers.list(params={"limit": 1}))
+
+    def find_customers(self, email: str) -> list[Customer]:
+        """Every customer whose email may equal ``email`` regardless of case.
+
+        The list endpoint's email filter is exact and case-sensitive, and Search is eventually
+        consistent (new customers appear after a minute or more), so neither alone is enough:
+        list by the address as written and lower-cased (fresh records), and search (records
+        stored with other capitalisation). The caller filters and chooses.
+        """
+        found: dict[str, Customer] = {}
+        for variant in dict.fromkeys((email, email.lower())):
+            page = self._call(
+                lambda v=variant: self._client.v1.customers.list(  # type: ignore[misc]
+                    params={"email": v, "limit": 100, "expand": ["data.subscriptions"]}
+                )
+            )
+            found.update((c.id, _customer(c)) for c in page.data)
+        query = 'email:"{}"'.format(email.replace("\\", "\\\\").replace('"', '\\"'))
+        result = self._call(
+            lambda: self._client.v1.customers.search(
+                params={"query": query, "limit": 100, "expand": ["data.subscriptions"]}
+            )
+        )
+        found.update((c.id, _customer(c)) for c in result.data)
+        return list(found.values())
+
+    def create_portal_session(self, customer_id: str, *, idempotency_key: str) -> PortalSession:
+        """A fresh Billing Portal session; the same key never mints a second one."""
+        params: SessionCreateParams = {"customer": customer_id, "return_url": self._return_url}
+        if self._configuration:
+            params["configuration"] = self._configuration
+        if self._locale:
+            params["locale"] = cast(Any, self._locale)
+        session = self._call(
+            lambda: self._client.v1.billing_portal.sessions.create(
+                params=params, options={"idempotency_key": idempotency_key}
+            )
+        )
+        return PortalSession(id=session.id, url=session.url)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return STRIPE_RETRY.call(fn)
+        except stripe.AuthenticationError as exc:
+            raise FatalServiceError(
+                "Stripe", f"the API key was rejected: {exc.user_message or exc}"
+            ) from None
+        except stripe.PermissionError as exc:
+            raise FatalServiceError(
+                "Stripe",
+                f"the API key lacks a permission (see README: Stripe key): "
+                f"{exc.user_message or exc}",
+            ) from None
+        except stripe.StripeError as exc:
+            status = exc.http_status or "no response"
+            raise TransientServiceError(
+                "Stripe", f"{type(exc).__name__} ({status}): {exc.user_message or exc}"
+            ) from None
+
+
+def _customer(obj: Any) -> Customer:
+    subscriptions = obj.get("subscriptions")
+    statuses: tuple[str, ...] = ()
+    if subscriptions is not None and not isinstance(subscriptions, str):
+        statuses = tuple(str(s.get("status")) for s in subscriptions.get("data", []))
+    return Customer(
+        id=str(obj.id),
+        email=str(obj.get("email") or ""),
+        name=obj.get("name"),
+        created=int(obj.get("created") or 0),
+        subscription_statuses=statuses,
+    )

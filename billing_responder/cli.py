@@ -1,0 +1,190 @@
+"""The `billing-responder` command: parse arguments, load config, call the library, map errors.
+
+Exit codes (a promise to scripts and systemd):
+    0  the command did what it says (a cycle ran; deferred messages do not fail it)
+    1  a fatal error: a service refused us or stayed unreachable after retries
+    2  bad usage or a bad config: one line names the file, the key and what is wrong
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from billing_responder import __version__
+from billing_responder.config import (
+    CONFIG_ENV_VAR,
+    Config,
+    TriageConfig,
+    load_config,
+    resolve_config_path,
+)
+from billing_responder.errors import (
+    BillingResponderError,
+    ConfigError,
+    FatalServiceError,
+    UsageError,
+)
+from billing_responder.logs import setup_logging
+from billing_responder.mail import message_from_bytes
+from billing_responder.pipeline import Outcome, Status, triage_message
+
+log = logging.getLogger("billing_responder")
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, as documented in README.md."""
+    parser = argparse.ArgumentParser(
+        prog="billing-responder",
+        description="Answer billing emails in a Gmail inbox with a link to the sender's "
+        "Stripe Billing Portal.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"config file (default: ${CONFIG_ENV_VAR}, else ./config.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="override [logging] level",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    once = commands.add_parser(
+        "once", help="run one poll cycle over everything eligible, then exit"
+    )
+    once.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read and decide, but send, label and mint nothing; print what would be sent",
+    )
+    run = commands.add_parser("run", help="poll on the configured interval until stopped")
+    run.add_argument("--dry-run", action="store_true", help="as for `once`, on every cycle")
+
+    explain = commands.add_parser(
+        "explain", help="triage one raw .eml file offline and print the decision as JSON"
+    )
+    explain.add_argument("file", metavar="FILE.eml", type=Path)
+    explain.add_argument(
+        "--mailbox",
+        metavar="ADDRESS",
+        default="",
+        help="the inbox's own address (mail from it is never answered)",
+    )
+
+    commands.add_parser("demo", help="run the whole pipeline against the built-in sandbox")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `billing-responder` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "explain":
+            return _explain(args)
+        if args.command == "demo":
+            from billing_responder.sandbox.demo import run_demo  # noqa: PLC0415 - demo only
+
+            setup_logging(args.log_level or "WARNING")
+            return run_demo(sys.stdout)
+        config = load_config(resolve_config_path(args.config))
+        setup_logging(args.log_level or config.logging.level)
+        if args.command == "once":
+            return _once(config, dry_run=args.dry_run)
+        return _run(config, dry_run=args.dry_run)
+    except (ConfigError, UsageError) as exc:
+        print(f"billing-responder: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FatalServiceError as exc:
+        print(f"billing-responder: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except BillingResponderError as exc:
+        print(f"billing-responder: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("billing-responder: interrupted", file=sys.stderr)
+        return 130
+
+
+def _once(config: Config, *, dry_run: bool) -> int:
+    from billing_responder.service import build_service  # noqa: PLC0415 - keeps `explain` light
+
+    service = build_service(config, dry_run=dry_run)
+    try:
+        report = service.cycle(on_outcome=print_dry_run_outcome if dry_run else log_outcome)
+    finally:
+        service.close()
+    print(("dry run: " if dry_run else "") + report.summary())
+    return EXIT_OK
+
+
+def _run(config: Config, *, dry_run: bool) -> int:
+    from billing_responder.daemon import Daemon  # noqa: PLC0415
+    from billing_responder.service import build_service  # noqa: PLC0415
+
+    service = build_service(config, dry_run=dry_run)
+    try:
+        daemon = Daemon(
+            service.cycle,
+            config.schedule.interval_seconds,
+            on_outcome=print_dry_run_outcome if dry_run else log_outcome,
+        )
+        daemon.run()
+    finally:
+        service.close()
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    keywords = TriageConfig().keywords
+    config_path = resolve_config_path(args.config)
+    # The config is optional offline, but one the user pointed at must be valid.
+    if args.config is not None or config_path.exists():
+        keywords = load_config(config_path).triage.keywords
+    try:
+        raw = args.file.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    decision = triage_message(message_from_bytes(raw), keywords, args.mailbox)
+    print(json.dumps(decision.as_json(), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def log_outcome(outcome: Outcome) -> None:
+    """A real run's per-message line on stdout: what happened and why, in one line."""
+    decision = outcome.decision
+    detail = outcome.error or ("; ".join(decision.reasons) if decision else "")
+    target = f" to {outcome.recipient}" if outcome.recipient else ""
+    print(f"{outcome.status.value:<15} {outcome.ref.id}{target}  {detail}".rstrip())
+
+
+def print_dry_run_outcome(outcome: Outcome) -> None:
+    """The dry-run review: the full reply for what would be answered, reasons for the rest."""
+    decision = outcome.decision
+    print(f"=== message {outcome.ref.id} (thread {outcome.ref.thread_id}): "
+          f"{outcome.status.value.upper()}")
+    if decision is not None:
+        if decision.sender:
+            print(f"From:     {decision.sender}")
+        print(f"Subject:  {decision.subject}")
+    if outcome.status is Status.WOULD_REPLY:
+        print(f"Customer: {outcome.customer_id}")
+        print(f"Reply to: {outcome.recipient}")
+        print(f"Reply subject: {outcome.reply_subject}")
+        print("--- reply text " + "-" * 50)
+        print((outcome.dry_run_text or "").rstrip())
+        print("-" * 65)
+    elif outcome.error:
+        print(f"Error:    {outcome.error}")
+    elif decision is not None:
+        for reason in decision.reasons:
+            print(f"  - {reason}")
+    print()

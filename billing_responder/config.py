@@ -1,0 +1,325 @@
+"""config.toml → frozen dataclasses, validated once.
+
+Every section is a frozen dataclass whose fields are the section's keys; a field without a default
+is required. :func:`load_config` rejects unknown sections and keys, wrong types and bad values with
+a :class:`~billing_responder.errors.ConfigError` that names the file and the key, so the CLI can
+print one line and exit 2. Relative paths resolve against the config file's folder, so the daemon
+behaves the same whatever its working directory.
+
+Secrets are never read from this file: the Stripe key comes from ``STRIPE_API_KEY`` or from
+``[stripe] api_key_file`` (a systemd credential, for instance), see :func:`stripe_api_key`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from billing_responder.errors import ConfigError
+
+#: Where `--config` points when neither the option nor the environment variable is given.
+DEFAULT_CONFIG_PATH = "config.toml"
+CONFIG_ENV_VAR = "BILLING_RESPONDER_CONFIG"
+STRIPE_KEY_ENV_VAR = "STRIPE_API_KEY"
+
+
+@dataclass(frozen=True)
+class GmailConfig:
+    """``[gmail]``: how to reach and authorise against the mailbox."""
+
+    token_file: Path = Path("token.json")
+    token_uri: str = ""
+    api_endpoint: str = ""
+    user_id: str = "me"
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class StripeConfig:
+    """``[stripe]``: how to reach Stripe and what portal to open."""
+
+    return_url: str
+    api_base: str = ""
+    api_key_file: Path | None = None
+    portal_configuration: str = ""
+    locale: str = ""
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class TriageConfig:
+    """``[triage]``: which messages count as billing emails."""
+
+    keywords: tuple[str, ...] = ("invoice", "billing")
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """``[labels]``: the Gmail labels the responder applies to threads."""
+
+    replied: str = "billing-responder/replied"
+    needs_human: str = "billing-responder/needs-human"
+
+
+@dataclass(frozen=True)
+class ReplyConfig:
+    """``[reply]``: how replies look."""
+
+    templates_dir: Path | None = None
+    from_name: str = ""
+    signature: str = "The support team"
+    mark_read: bool = False
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """``[state]``: where the ledger of handled messages lives."""
+
+    database: Path = Path("state.db")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``[schedule]``: how often the daemon polls."""
+
+    interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: what the daemon writes to stderr."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, parsed and validated."""
+
+    path: Path
+    stripe: StripeConfig
+    gmail: GmailConfig = field(default_factory=GmailConfig)
+    triage: TriageConfig = field(default_factory=TriageConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    reply: ReplyConfig = field(default_factory=ReplyConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "gmail": GmailConfig,
+    "stripe": StripeConfig,
+    "triage": TriageConfig,
+    "labels": LabelsConfig,
+    "reply": ReplyConfig,
+    "state": StateConfig,
+    "schedule": ScheduleConfig,
+    "logging": LoggingConfig,
+}
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# A Gmail label name may nest with "/" but must not be empty or start/end with a separator.
+_LABEL_NAME = re.compile(r"^[^/\s](?:.*[^/\s])?$")
+
+
+def resolve_config_path(cli_value: str | None) -> Path:
+    """The config path: the option, else ``$BILLING_RESPONDER_CONFIG``, else ``./config.toml``."""
+    return Path(cli_value or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the config file at ``path``."""
+    shown = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            shown, "", "no such file (pass --config PATH or set BILLING_RESPONDER_CONFIG)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(shown, "", f"cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(shown, "", f"not valid TOML: {exc}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> Config:
+    """Validate already-parsed TOML ``data`` as if it came from ``path``."""
+    shown = str(path)
+    base = path.resolve().parent
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            known = ", ".join(f"[{s}]" for s in _SECTIONS)
+            raise ConfigError(shown, name, f"unknown section or key (known sections: {known})")
+        if not isinstance(value, dict):
+            raise ConfigError(shown, name, "must be a table, e.g. [" + name + "]")
+        sections[name] = _parse_section(name, _SECTIONS[name], value, shown, base)
+    if "stripe" not in sections:
+        raise ConfigError(shown, "stripe.return_url", "required key is missing")
+    config = Config(path=path, **sections)
+    _validate(config, shown)
+    return config
+
+
+def _parse_section(
+    name: str, cls: type[Any], values: dict[str, Any], shown: str, base: Path
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    if name == "stripe" and ("api_key" in values or "secret_key" in values):
+        raise ConfigError(
+            shown,
+            "stripe.api_key",
+            f"secret keys do not belong in the config file; set {STRIPE_KEY_ENV_VAR} "
+            "or [stripe] api_key_file",
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(
+                shown, dotted, f"unknown key (known keys in [{name}]: {', '.join(known)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], dotted, shown, base)
+    for key, f in known.items():
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if missing and key not in kwargs:
+            raise ConfigError(shown, f"{name}.{key}", "required key is missing")
+    # Defaults that are paths are relative to the config file too.
+    for key, f in known.items():
+        if key not in kwargs and isinstance(f.default, Path):
+            kwargs[key] = base / f.default
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str, shown: str, base: Path) -> Any:  # noqa: PLR0912 - one branch per TOML type
+    optional = False
+    if isinstance(hint, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(shown, dotted, f"must be a path string, not {_toml_type(value)}")
+        if optional and value == "":
+            return None
+        return base / Path(value).expanduser()
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(shown, dotted, f"must be true or false, not {_toml_type(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(shown, dotted, f"must be a number, not {_toml_type(value)}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(shown, dotted, f"must be a whole number, not {_toml_type(value)}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(shown, dotted, f"must be a string, not {_toml_type(value)}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(shown, dotted, "must be a list of strings, e.g. [\"a\", \"b\"]")
+        return tuple(value)
+    raise AssertionError(f"config field {dotted} has an unsupported type {hint!r}")
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    for kind, label in names.items():
+        if type(value) is kind:
+            return label
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _validate(config: Config, shown: str) -> None:
+    """Checks that span a value's meaning, not just its type."""
+    _require_url(config.stripe.return_url, "stripe.return_url", shown, required=True)
+    _require_url(config.stripe.api_base, "stripe.api_base", shown)
+    _require_url(config.gmail.api_endpoint, "gmail.api_endpoint", shown)
+    _require_url(config.gmail.token_uri, "gmail.token_uri", shown)
+    if not config.gmail.user_id.strip():
+        raise ConfigError(shown, "gmail.user_id", 'must not be empty ("me" is the usual value)')
+    for dotted, seconds in (
+        ("gmail.timeout_seconds", config.gmail.timeout_seconds),
+        ("stripe.timeout_seconds", config.stripe.timeout_seconds),
+    ):
+        if seconds <= 0:
+            raise ConfigError(shown, dotted, "must be greater than 0")
+    keywords = config.triage.keywords
+    if not keywords or any(not k.strip() for k in keywords):
+        raise ConfigError(shown, "triage.keywords", "must be a non-empty list of non-empty words")
+    if any('"' in k or "(" in k or ")" in k for k in keywords):
+        raise ConfigError(shown, "triage.keywords", "keywords may not contain quotes or brackets")
+    for dotted, label in (
+        ("labels.replied", config.labels.replied),
+        ("labels.needs_human", config.labels.needs_human),
+    ):
+        if not _LABEL_NAME.match(label):
+            raise ConfigError(shown, dotted, f"{label!r} is not a usable Gmail label name")
+    if config.labels.replied == config.labels.needs_human:
+        raise ConfigError(shown, "labels.needs_human", "must differ from labels.replied")
+    if config.schedule.interval_seconds < 1:
+        raise ConfigError(shown, "schedule.interval_seconds", "must be at least 1 second")
+    if config.logging.level.upper() not in _LOG_LEVELS:
+        raise ConfigError(shown, "logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    templates = config.reply.templates_dir
+    if templates is not None and not templates.is_dir():
+        raise ConfigError(shown, "reply.templates_dir", f"{templates} is not a folder")
+
+
+def _require_url(value: str, dotted: str, shown: str, *, required: bool = False) -> None:
+    if not value and not required:
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(shown, dotted, f"{value!r} is not an http(s) URL")
+
+
+def stripe_api_key(config: Config) -> str:
+    """The Stripe secret key: ``$STRIPE_API_KEY``, else the file ``[stripe] api_key_file``."""
+    from_env = os.environ.get(STRIPE_KEY_ENV_VAR, "").strip()
+    shown = str(config.path)
+    if from_env:
+        return _checked_key(from_env, shown, STRIPE_KEY_ENV_VAR)
+    key_file = config.stripe.api_key_file
+    if key_file is None:
+        raise ConfigError(
+            shown,
+            "stripe.api_key_file",
+            f"no Stripe key: set {STRIPE_KEY_ENV_VAR} or point [stripe] api_key_file at a file",
+        )
+    try:
+        key = key_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(shown, "stripe.api_key_file", f"cannot read {key_file}: {exc}") from None
+    if not key:
+        raise ConfigError(shown, "stripe.api_key_file", f"{key_file} is empty")
+    return _checked_key(key, shown, "stripe.api_key_file")
+
+
+def _checked_key(key: str, shown: str, source: str) -> str:
+    # Only the prefix is ever shown: the key itself must not reach a log or a terminal.
+    if not key.startswith(("sk_", "rk_")):
+        raise ConfigError(
+            shown,
+            source,
+            "does not hold a Stripe secret or restricted key (expected sk_... or rk_...)",
+        )
+    return key

@@ -1,0 +1,290 @@
+"""The Gmail side: an adapter over google-api-python-client (the only module that imports it).
+
+:class:`GmailMailbox` offers the pipeline exactly the operations it needs, in its own values
+(:class:`~billing_responder.model.MessageRef`, :class:`~billing_responder.model.IncomingMessage`),
+and turns the client's errors into the project's error tree:
+
+- 401, a refused refresh token → :class:`GmailAuthError` (fatal: a person must re-authorise);
+- 429, 5xx, 403 rate limits, timeouts and connection errors → retried here (see ``retry.py``),
+  then :class:`TransientServiceError` (the message is left for the next cycle);
+- anything else about one message (a 404 for a message deleted meanwhile, a 400) →
+  :class:`TransientServiceError` as well, so nothing is marked handled that was not.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import google_auth_httplib2
+import httplib2
+from google.auth.exceptions import GoogleAuthError, RefreshError, TransportError
+from google.oauth2.credentials import Credentials
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+
+from billing_responder.config import GmailConfig
+from billing_responder.errors import (
+    GmailAuthError,
+    ServiceUnavailableError,
+    TransientServiceError,
+)
+from billing_responder.model import IncomingMessage, MessageRef
+from billing_responder.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+#: Read messages, send replies, apply labels: `gmail.modify` covers all three and nothing more
+#: (no permanent deletion, no settings). See README "Gmail credentials" for the reasoning.
+SCOPES = ("https://www.googleapis.com/auth/gmail.modify",)
+
+#: 500 is the most messages.list returns in one page; fewer pages means fewer 5-unit calls.
+_PAGE_SIZE = 500
+_RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+
+
+def load_credentials(config: GmailConfig) -> Credentials:
+    """Read the authorised-user token file; refresh it now if it is expired, and write it back."""
+    path = config.token_file
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GmailAuthError(
+            f"no token file at {path}: create one for this mailbox (README: Gmail credentials)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise GmailAuthError(f"cannot read the token file {path}: {exc}") from None
+    try:
+        credentials: Credentials = Credentials.from_authorized_user_info(  # type: ignore[no-untyped-call]
+            info, scopes=list(SCOPES)
+        )
+    except ValueError as exc:
+        raise GmailAuthError(f"{path} is not an authorised-user token file: {exc}") from None
+    if config.token_uri:
+        # google-auth ignores a token_uri inside the file on purpose; an emulator or proxy must be
+        # configured explicitly.
+        credentials = credentials.with_token_uri(config.token_uri)
+    return credentials
+
+
+def save_credentials(credentials: Credentials, path: Path) -> None:
+    """Write the token file atomically, readable by its owner only."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(credentials.to_json())  # type: ignore[no-untyped-call]
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class GmailMailbox:
+    """The mailbox, through the real Gmail API client."""
+
+    def __init__(self, config: GmailConfig, credentials: Credentials) -> None:
+        self._config = config
+        self._credentials = credentials
+        self._saved_token = credentials.token
+        http = google_auth_httplib2.AuthorizedHttp(
+            credentials, http=httplib2.Http(timeout=config.timeout_seconds)
+        )
+        client_options = {"api_endpoint": config.api_endpoint} if config.api_endpoint else None
+        self._service: Any = build(
+            "gmail",
+            "v1",
+            http=http,
+            client_options=client_options,
+            static_discovery=True,
+            cache_discovery=False,
+        )
+        self._user = config.user_id
+        self._label_ids: dict[str, str] = {}
+
+    # -- mailbox-wide -----------------------------------------------------------------------------
+
+    def address(self) -> str:
+        """The mailbox's own email address (users.getProfile)."""
+        profile = self._call(self._service.users().getProfile(userId=self._user), fatal=True)
+        return str(profile["emailAddress"])
+
+    def label_ids(self, names: Sequence[str], *, create: bool) -> dict[str, str | None]:
+        """Each label name's id; missing labels are created when ``create`` (else None)."""
+        existing = self._call(self._service.users().labels().list(userId=self._user), fatal=True)
+        by_name = {label["name"]: label["id"] for label in existing.get("labels", [])}
+        result: dict[str, str | None] = {}
+        for name in names:
+            if name not in by_name and create:
+                body = {
+                    "name": name,
+                    "labelListVisibility": "labelShow",
+                    "messageListVisibility": "show",
+                }
+                created = self._call(
+                    self._service.users().labels().create(userId=self._user, body=body),
+                    fatal=True,
+                )
+                by_name[name] = created["id"]
+                log.info("created Gmail label %r", name)
+            result[name] = by_name.get(name)
+        self._label_ids.update({k: v for k, v in result.items() if v is not None})
+        return result
+
+    def candidates(self, query: str) -> Iterator[MessageRef]:
+        """Every message matching ``query``, page by page (no cap at one page)."""
+        token: str | None = None
+        while True:
+            request = self._service.users().messages().list(
+                userId=self._user, q=query, maxResults=_PAGE_SIZE, pageToken=token
+            )
+            page = self._call(request, fatal=True)
+            for item in page.get("messages", []):
+                yield MessageRef(id=item["id"], thread_id=item["threadId"])
+            token = page.get("nextPageToken")
+            if not token:
+                return
+
+    def persist_refreshed_token(self) -> None:
+        """Write the token file back if the client refreshed the access token meanwhile."""
+        if self._credentials.token != self._saved_token:
+            save_credentials(self._credentials, self._config.token_file)
+            self._saved_token = self._credentials.token
+
+    # -- one message ------------------------------------------------------------------------------
+
+    def fetch(self, ref: MessageRef) -> IncomingMessage:
+        """Every header of a message, without its body (format=metadata)."""
+        data = self._call(
+            self._service.users().messages().get(userId=self._user, id=ref.id, format="metadata")
+        )
+        payload = data.get("payload", {})
+        headers = tuple((h["name"], h["value"]) for h in payload.get("headers", []))
+        return IncomingMessage(
+            id=data["id"],
+            thread_id=data["threadId"],
+            label_ids=frozenset(data.get("labelIds", [])),
+            headers=headers,
+            internal_date_ms=int(data.get("internalDate", 0)),
+        )
+
+    def send(self, raw: bytes, thread_id: str) -> str:
+        """Send a raw RFC 822 message in ``thread_id``; returns the sent message's Gmail id."""
+        body = {"raw": base64.urlsafe_b64encode(raw).decode("ascii"), "threadId": thread_id}
+        # Not a media upload: the client builds upload URLs with https even for an http endpoint.
+        sent = self._call(self._service.users().messages().send(userId=self._user, body=body))
+        return str(sent["id"])
+
+    def find_rfc822_message(self, message_id: str) -> str | None:
+        """The Gmail id of the message whose Message-ID header is ``message_id``, if any."""
+        query = f"rfc822msgid:{message_id.strip('<>')}"
+        page = self._call(
+            self._service.users().messages().list(
+                userId=self._user, q=query, maxResults=1, includeSpamTrash=True
+            )
+        )
+        found = page.get("messages", [])
+        return str(found[0]["id"]) if found else None
+
+    def modify(
+        self, message_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> None:
+        """Add and remove labels (by name or system id) on one message, in one call."""
+        body = {
+            "addLabelIds": [self._label_ids.get(name, name) for name in add],
+            "removeLabelIds": [self._label_ids.get(name, name) for name in remove],
+        }
+        self._call(
+            self._service.users().messages().modify(userId=self._user, id=message_id, body=body)
+        )
+
+    # -- error mapping ----------------------------------------------------------------------------
+
+    def _call(self, request: Any, *, fatal: bool = False) -> Any:
+        """Execute with the Gmail retry policy; map what is left to the project's errors.
+
+        ``fatal`` marks mailbox-wide calls: if those still fail after retries, the cycle cannot
+        run at all, so the failure is fatal rather than one message's.
+        """
+        try:
+            return GMAIL_RETRY.call(request.execute)
+        except RefreshError as exc:
+            raise GmailAuthError(_refresh_problem(exc)) from None
+        except HttpError as exc:
+            status = exc.resp.status
+            detail = _http_error_detail(exc)
+            if status == 401:
+                raise GmailAuthError(f"Gmail rejected the credentials (401): {detail}") from None
+            if fatal:
+                raise ServiceUnavailableError("Gmail", f"HTTP {status}: {detail}") from None
+            raise TransientServiceError("Gmail", f"HTTP {status}: {detail}") from None
+        except (OSError, httplib2.HttpLib2Error, TransportError) as exc:
+            problem = f"unreachable ({type(exc).__name__}: {exc})"
+            if fatal:
+                raise ServiceUnavailableError("Gmail", problem) from None
+            raise TransientServiceError("Gmail", problem) from None
+        except GoogleAuthError as exc:
+            raise GmailAuthError(str(exc)) from None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a Gmail call that raised ``exc`` is worth trying again."""
+    if isinstance(exc, HttpError):
+        status = exc.resp.status
+        if status == 429 or status >= 500:
+            return True
+        return status == 403 and _http_error_reason(exc) in _RATE_LIMIT_REASONS
+    # socket timeouts are OSErrors (TimeoutError) too.
+    return isinstance(exc, OSError | httplib2.HttpLib2Error | TransportError)
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The server's ``Retry-After`` in seconds, when it sent one."""
+    if isinstance(exc, HttpError):
+        value = exc.resp.get("retry-after")
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def _http_error_reason(exc: HttpError) -> str:
+    try:
+        body = json.loads(exc.content)
+        return str(body["error"]["errors"][0]["reason"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def _http_error_detail(exc: HttpError) -> str:
+    try:
+        body = json.loads(exc.content)
+        message = str(body["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = exc.resp.reason or "no detail"
+    reason = _http_error_reason(exc)
+    return f"{message} ({reason})" if reason else message
+
+
+def _refresh_problem(exc: RefreshError) -> str:
+    text = str(exc)
+    if "invalid_grant" in text:
+        return (
+            "the refresh token was refused (invalid_grant: expired or revoked); authorise the "
+            "mailbox again and replace the token file (README: Gmail credentials)"
+        )
+    return f"cannot refresh the access token: {text}"
+
+
+#: Gmail: 429, 5xx, 403 rate limits and network errors, with back-off and Retry-After.
+GMAIL_RETRY = RetryPolicy("Gmail", retryable=is_retryable, retry_after=retry_after_seconds)

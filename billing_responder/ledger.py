@@ -1,0 +1,281 @@
+"""The ledger: a SQLite file that says what happened to every message the responder looked at.
+
+It is the only memory the responder has, so it is what makes "never process a message twice"
+true across restarts. One row per Gmail message, moving through these states:
+
+    (no row) ──decide skip/escalate──► done
+    (no row) ──decide reply──► sending ──Gmail accepted the reply──► sent ──thread labelled──► done
+
+The reply's own ``Message-ID`` is chosen and written *before* the send (state ``sending``), so a
+crash between sending and recording leaves a row that says exactly what to look for in the thread
+instead of a guess. Portal URLs are credentials and are never stored: only the session id is.
+
+Schema changes are named migrations, each applied in a transaction together with its record in
+``schema_migrations`` (the sqlite-utils way), so ``migrations()`` can list what is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from billing_responder.errors import FatalServiceError
+from billing_responder.model import Decision
+
+# States of a row; see the module docstring.
+SENDING = "sending"
+SENT = "sent"
+DONE = "done"
+
+_MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_messages",
+        """
+        CREATE TABLE messages (
+            gmail_id          TEXT PRIMARY KEY,
+            thread_id         TEXT NOT NULL,
+            sender            TEXT,
+            subject           TEXT NOT NULL DEFAULT '',
+            action            TEXT NOT NULL,
+            reasons           TEXT NOT NULL,
+            state             TEXT NOT NULL,
+            customer_id       TEXT,
+            portal_session_id TEXT,
+            reply_message_id  TEXT,
+            sent_gmail_id     TEXT,
+            failures          INTEGER NOT NULL DEFAULT 0,
+            last_error        TEXT,
+            created_at        TEXT NOT NULL,
+            updated_at        TEXT NOT NULL
+        );
+        CREATE INDEX messages_thread ON messages (thread_id);
+        CREATE INDEX messages_sender ON messages (sender);
+        """,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One message's row."""
+
+    gmail_id: str
+    thread_id: str
+    sender: str | None
+    subject: str
+    action: str
+    reasons: tuple[str, ...]
+    state: str
+    customer_id: str | None
+    portal_session_id: str | None
+    reply_message_id: str | None
+    sent_gmail_id: str | None
+    failures: int
+    last_error: str | None
+    created_at: str
+    updated_at: str
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class SqliteLedger:
+    """The ledger in one SQLite file (WAL), or read-only for a dry run."""
+
+    def __init__(self, path: Path, *, read_only: bool = False, clock: Callable[[], str] = _now):
+        self.path = path
+        self.read_only = read_only
+        self._clock = clock
+        try:
+            self._db = self._connect()
+            if not read_only:
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise FatalServiceError("state database", f"{path}: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            if not self.path.exists():
+                # A dry run before the first real run: nothing handled yet, and nothing to write.
+                db = sqlite3.connect(":memory:", check_same_thread=False)
+                self._apply_all(db)
+                return db
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+            )
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists()
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if fresh:
+                # The ledger holds customers' addresses: readable by the service user only.
+                os.chmod(self.path, 0o600)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    # -- migrations -------------------------------------------------------------------------------
+
+    def _apply_all(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for name, sql in _MIGRATIONS:
+            db.executescript(sql)
+            db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, self._clock()))
+
+    def _migrate(self) -> None:
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        applied = {r[0] for r in self._db.execute("SELECT name FROM schema_migrations")}
+        for name, sql in _MIGRATIONS:
+            if name in applied:
+                continue
+            with self._transaction():
+                for statement in _statements(sql):
+                    self._db.execute(statement)
+                self._db.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?)", (name, self._clock())
+                )
+
+    def migrations(self) -> list[tuple[str, str | None]]:
+        """Every known migration with when it was applied (None = pending)."""
+        applied = dict(self._db.execute("SELECT name, applied_at FROM schema_migrations"))
+        return [(name, applied.get(name)) for name, _ in _MIGRATIONS]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def get(self, gmail_id: str) -> LedgerEntry | None:
+        """The row of a message, or None if it was never decided."""
+        row = self._db.execute("SELECT * FROM messages WHERE gmail_id = ?", (gmail_id,)).fetchone()
+        return None if row is None else _entry(row)
+
+    def is_done(self, gmail_id: str) -> bool:
+        """Whether nothing is left to do for this message."""
+        entry = self.get(gmail_id)
+        return entry is not None and entry.state == DONE
+
+    def entries(self, limit: int = 50) -> list[LedgerEntry]:
+        """The most recently updated rows, newest first."""
+        rows = self._db.execute(
+            "SELECT * FROM messages ORDER BY updated_at DESC, rowid DESC LIMIT ?", (limit,)
+        )
+        return [_entry(r) for r in rows]
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def record_final(self, gmail_id: str, thread_id: str, decision: Decision,
+                     customer_id: str | None = None) -> None:
+        """A skip or escalation that is complete: nothing more will be done for this message."""
+        self._upsert(gmail_id, thread_id, decision, DONE, customer_id=customer_id)
+
+    def record_intent(self, gmail_id: str, thread_id: str, decision: Decision, *,
+                      customer_id: str, portal_session_id: str, reply_message_id: str) -> None:
+        """Before sending: which reply (by its own Message-ID) is about to go out."""
+        self._upsert(gmail_id, thread_id, decision, SENDING, customer_id=customer_id,
+                     portal_session_id=portal_session_id, reply_message_id=reply_message_id)
+
+    def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
+        """Gmail accepted the reply."""
+        self._update(gmail_id, state=SENT, sent_gmail_id=sent_gmail_id, last_error=None)
+
+    def record_done(self, gmail_id: str) -> None:
+        """The thread is labelled: the message is completely handled."""
+        self._update(gmail_id, state=DONE, last_error=None)
+
+    def record_failure(self, gmail_id: str, thread_id: str, error: str) -> None:
+        """A transient failure: the message stays for the next cycle; count it."""
+        now = self._clock()
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO messages (gmail_id, thread_id, action, reasons, state, failures,"
+                " last_error, created_at, updated_at) VALUES (?, ?, 'deferred', '[]', 'pending',"
+                " 1, ?, ?, ?) ON CONFLICT (gmail_id) DO UPDATE SET failures = failures + 1,"
+                " last_error = excluded.last_error, updated_at = excluded.updated_at",
+                (gmail_id, thread_id, error, now, now),
+            )
+
+    def _upsert(self, gmail_id: str, thread_id: str, decision: Decision, state: str,
+                **extra: str | None) -> None:
+        now = self._clock()
+        values = {
+            "gmail_id": gmail_id,
+            "thread_id": thread_id,
+            "sender": decision.sender,
+            "subject": decision.subject,
+            "action": decision.action.value,
+            "reasons": json.dumps(list(decision.reasons)),
+            "state": state,
+            "created_at": now,
+            "updated_at": now,
+            **extra,
+        }
+        columns = ", ".join(values)
+        placeholders = ", ".join(f":{c}" for c in values)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != "created_at")
+        with self._transaction():
+            self._db.execute(
+                f"INSERT INTO messages ({columns}) VALUES ({placeholders}) "  # noqa: S608 - fixed column names
+                f"ON CONFLICT (gmail_id) DO UPDATE SET {updates}",
+                values,
+            )
+
+    def _update(self, gmail_id: str, **values: str | None) -> None:
+        values["updated_at"] = self._clock()
+        assignments = ", ".join(f"{c} = :{c}" for c in values)
+        with self._transaction():
+            self._db.execute(
+                f"UPDATE messages SET {assignments} WHERE gmail_id = :gmail_id",  # noqa: S608
+                {**values, "gmail_id": gmail_id},
+            )
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would commit our open transaction; run statements one by one inside it.
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _entry(row: sqlite3.Row) -> LedgerEntry:
+    return LedgerEntry(
+        gmail_id=row["gmail_id"],
+        thread_id=row["thread_id"],
+        sender=row["sender"],
+        subject=row["subject"] or "",
+        action=row["action"],
+        reasons=tuple(json.loads(row["reasons"])),
+        state=row["state"],
+        customer_id=row["customer_id"],
+        portal_session_id=row["portal_session_id"],
+        reply_message_id=row["reply_message_id"],
+        sent_gmail_id=row["sent_gmail_id"],
+        failures=row["failures"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

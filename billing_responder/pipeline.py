@@ -1,0 +1,313 @@
+"""The way of one message, top to bottom: fetch, triage, look up, mint, render, send, label, record.
+
+:meth:`Responder.handle` is the whole story of one email and the place to read first. Deciding is
+pure (``triage.decide``, ``customers.choose_customer``, rendering); doing happens through the
+``Mailbox``, ``Billing`` and ``Ledger`` ports. A dry run is the same path with the writes left
+out: no send, no label, no portal session, no ledger row — only an :class:`Outcome` saying what
+would have happened.
+
+Failure rules: a ``TransientServiceError`` while handling one message defers that message (it stays
+unanswered and unmarked for the next cycle); a ``FatalServiceError`` stops the cycle.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from billing_responder import mail, triage
+from billing_responder.config import Config
+from billing_responder.customers import choose_customer
+from billing_responder.errors import TransientServiceError
+from billing_responder.ledger import DONE, SENDING, SENT, LedgerEntry
+from billing_responder.logs import mask_address
+from billing_responder.model import Action, Decision, IncomingMessage, MessageRef
+from billing_responder.ports import Billing, Ledger, Mailbox
+from billing_responder.render import ReplyContext, ReplyRenderer
+
+log = logging.getLogger(__name__)
+
+#: What a dry run puts where the portal link would go: obviously fake, never a working link.
+DRY_RUN_PORTAL_URL = "https://billing.stripe.com/p/session/DRY-RUN-NO-SESSION-CREATED"
+UNREAD = "UNREAD"
+
+
+class Status(enum.Enum):
+    """What became of one message in a cycle."""
+
+    REPLIED = "replied"
+    WOULD_REPLY = "would reply"
+    SKIPPED = "skipped"
+    ESCALATED = "escalated"
+    WOULD_ESCALATE = "would escalate"
+    DEFERRED = "deferred"
+    ALREADY_HANDLED = "already handled"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one message, for the operator's eyes (never holds a real portal URL)."""
+
+    ref: MessageRef
+    status: Status
+    decision: Decision | None = None
+    customer_id: str | None = None
+    recipient: str | None = None
+    reply_subject: str | None = None
+    dry_run_text: str | None = None  # the rendered reply, in a dry run only
+    error: str | None = None
+
+
+@dataclass
+class CycleReport:
+    """Counts of one cycle's outcomes."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, status: Status) -> int:
+        """How many messages ended with ``status``."""
+        return sum(1 for o in self.outcomes if o.status is status)
+
+    def summary(self) -> str:
+        """One line, e.g. ``3 messages: 1 replied, 2 skipped``."""
+        parts = [f"{self.count(s)} {s.value}" for s in Status if self.count(s)]
+        total = len(self.outcomes)
+        noun = "message" if total == 1 else "messages"
+        return f"{total} {noun}" + (": " + ", ".join(parts) if parts else "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the pipeline needs from the configuration."""
+
+    keywords: tuple[str, ...]
+    replied_label: str
+    needs_human_label: str
+    mark_read: bool
+    signature: str
+    from_name: str
+
+    @classmethod
+    def from_config(cls, config: Config) -> Settings:
+        """The pipeline's slice of the whole configuration."""
+        return cls(
+            keywords=config.triage.keywords,
+            replied_label=config.labels.replied,
+            needs_human_label=config.labels.needs_human,
+            mark_read=config.reply.mark_read,
+            signature=config.reply.signature,
+            from_name=config.reply.from_name,
+        )
+
+
+def candidate_query(settings: Settings) -> str:
+    """The Gmail search that pre-filters candidates; triage re-checks everything on the message.
+
+    Example: ``is:unread in:inbox subject:(invoice OR billing) -label:billing-responder-replied``.
+    """
+    words = " OR ".join(f'"{k}"' if " " in k else k for k in settings.keywords)
+    labels = (settings.replied_label, settings.needs_human_label)
+    excluded = " ".join(f"-label:{_search_label(name)}" for name in labels)
+    return f"is:unread in:inbox subject:({words}) {excluded}"
+
+
+def _search_label(name: str) -> str:
+    # Gmail search spells "/" and spaces in label names as "-".
+    return name.replace("/", "-").replace(" ", "-").lower()
+
+
+class Responder:
+    """Answers billing emails: one :meth:`cycle` at a time, one :meth:`handle` per message."""
+
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        billing: Billing,
+        ledger: Ledger,
+        renderer: ReplyRenderer,
+        settings: Settings,
+        *,
+        dry_run: bool = False,
+    ) -> None:
+        self.mailbox = mailbox
+        self.billing = billing
+        self.ledger = ledger
+        self.renderer = renderer
+        self.settings = settings
+        self.dry_run = dry_run
+        self.address = ""
+        self._policy: triage.TriagePolicy | None = None
+
+    def start(self) -> None:
+        """Check both services once and make sure the labels exist (creating them, unless dry)."""
+        self.address = self.mailbox.address()
+        names = [self.settings.replied_label, self.settings.needs_human_label]
+        labels = self.mailbox.label_ids(names, create=not self.dry_run)
+        missing = [name for name, label_id in labels.items() if label_id is None]
+        if missing:
+            log.info("dry run: would create the labels %s", ", ".join(missing))
+        self.billing.verify()
+        self.renderer.check()
+        self._policy = triage.TriagePolicy(
+            keywords=self.settings.keywords, mailbox_address=self.address
+        )
+
+    def cycle(
+        self,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+    ) -> CycleReport:
+        """Handle every candidate message now in the mailbox, oldest first."""
+        if self._policy is None:
+            self.start()
+        report = CycleReport()
+        # Gmail lists newest first; answering in arrival order is fairer. Ids only are held.
+        refs = list(self.mailbox.candidates(candidate_query(self.settings)))
+        refs.reverse()
+        for position, ref in enumerate(refs):
+            if should_stop():
+                log.info("stopping: %d candidate(s) left for the next cycle", len(refs) - position)
+                break
+            outcome = self.handle(ref)
+            report.outcomes.append(outcome)
+            on_outcome(outcome)
+        return report
+
+    # -- the way of one message -------------------------------------------------------------------
+
+    def handle(self, ref: MessageRef) -> Outcome:
+        """Everything that happens to one message; transient failures defer it."""
+        try:
+            entry = self.ledger.get(ref.id)
+            if entry is not None and entry.state == DONE:
+                return Outcome(ref, Status.ALREADY_HANDLED)
+            if entry is not None and entry.state in (SENDING, SENT) and not self.dry_run:
+                resumed = self._resume(ref, entry)
+                if resumed is not None:
+                    return resumed
+
+            message = self.mailbox.fetch(ref)
+            decision = triage.decide(message, self._triage_policy())
+            if decision.action is Action.SKIP:
+                return self._skip(ref, decision)
+            if decision.action is Action.ESCALATE or decision.sender is None:
+                return self._escalate(ref, decision)
+
+            sender = decision.sender
+            customer = choose_customer(self.billing.find_customers(sender), sender)
+            if customer is None:
+                reason = "no Stripe customer has this sender's address"
+                return self._escalate(ref, _with_reason(decision, Action.ESCALATE, reason))
+            decision = _with_reason(decision, Action.REPLY, f"Stripe customer {customer.id}")
+
+            if self.dry_run:
+                portal_url, session_id = DRY_RUN_PORTAL_URL, ""
+            else:
+                session = self.billing.create_portal_session(
+                    customer.id, idempotency_key=f"billing-responder-portal-{ref.id}"
+                )
+                portal_url, session_id = session.url, session.id
+
+            rendered = self.renderer.render(
+                ReplyContext(
+                    customer_name=customer.name or "",
+                    portal_url=portal_url,
+                    original_subject=decision.subject,
+                    signature=self.settings.signature,
+                )
+            )
+            reply, reply_id = mail.build_reply(
+                message,
+                from_address=self.address,
+                from_name=self.settings.from_name or None,
+                to=sender,
+                subject=decision.subject,
+                text=rendered.text,
+                html=rendered.html,
+                message_id_domain=mail.reply_message_id_domain(self.address),
+            )
+            if entry is not None and entry.reply_message_id:
+                # Same reply as the interrupted attempt: the Message-ID is how we find it later.
+                reply_id = entry.reply_message_id
+                reply.replace_header("Message-ID", reply_id)
+            if self.dry_run:
+                return Outcome(
+                    ref, Status.WOULD_REPLY, decision, customer.id, sender,
+                    str(reply["Subject"]), dry_run_text=rendered.text,
+                )
+
+            self.ledger.record_intent(
+                ref.id, ref.thread_id, decision, customer_id=customer.id,
+                portal_session_id=session_id, reply_message_id=reply_id,
+            )
+            sent_id = self.mailbox.send(bytes(reply), ref.thread_id)
+            self.ledger.record_sent(ref.id, sent_id)
+            self._label_replied(ref)
+            log.info(
+                "replied to %s (%s) in thread %s with a portal link for %s",
+                mask_address(sender), ref.id, ref.thread_id, customer.id,
+            )
+            return Outcome(
+                ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"])
+            )
+        except TransientServiceError as exc:
+            return self._defer(ref, str(exc))
+
+    def _resume(self, ref: MessageRef, entry: LedgerEntry) -> Outcome | None:
+        """Finish a reply an earlier run began; None when it must be sent (again) from scratch."""
+        if entry.state == SENDING:
+            sent_id = self.mailbox.find_rfc822_message(entry.reply_message_id or "")
+            if sent_id is None:
+                log.info("message %s: the interrupted reply was never sent; sending it now", ref.id)
+                return None
+            self.ledger.record_sent(ref.id, sent_id)
+        self._label_replied(ref)
+        log.info("message %s: finished the reply an earlier run had sent", ref.id)
+        decision = Decision(Action.REPLY, entry.reasons, entry.sender, entry.subject)
+        return Outcome(ref, Status.REPLIED, decision, entry.customer_id, entry.sender)
+
+    def _label_replied(self, ref: MessageRef) -> None:
+        remove = [UNREAD] if self.settings.mark_read else []
+        self.mailbox.modify(ref.id, add=[self.settings.replied_label], remove=remove)
+        self.ledger.record_done(ref.id)
+
+    def _skip(self, ref: MessageRef, decision: Decision) -> Outcome:
+        if not self.dry_run:
+            self.ledger.record_final(ref.id, ref.thread_id, decision)
+        log.debug("skipped %s: %s", ref.id, "; ".join(decision.reasons))
+        return Outcome(ref, Status.SKIPPED, decision)
+
+    def _escalate(self, ref: MessageRef, decision: Decision) -> Outcome:
+        decision = replace(decision, action=Action.ESCALATE)
+        if self.dry_run:
+            return Outcome(ref, Status.WOULD_ESCALATE, decision)
+        self.mailbox.modify(ref.id, add=[self.settings.needs_human_label])
+        self.ledger.record_final(ref.id, ref.thread_id, decision)
+        log.info(
+            "escalated %s from %s to a person: %s",
+            ref.id, mask_address(decision.sender or ""), "; ".join(decision.reasons),
+        )
+        return Outcome(ref, Status.ESCALATED, decision)
+
+    def _defer(self, ref: MessageRef, error: str) -> Outcome:
+        log.warning("message %s deferred to the next cycle: %s", ref.id, error)
+        if not self.dry_run:
+            self.ledger.record_failure(ref.id, ref.thread_id, error)
+        return Outcome(ref, Status.DEFERRED, error=error)
+
+    def _triage_policy(self) -> triage.TriagePolicy:
+        if self._policy is None:
+            raise RuntimeError("Responder.start() must run before messages are handled")
+        return self._policy
+
+
+def _with_reason(decision: Decision, action: Action, reason: str) -> Decision:
+    return replace(decision, action=action, reasons=(*decision.reasons, reason))
+
+
+def triage_message(message: IncomingMessage, keywords: tuple[str, ...], mailbox: str) -> Decision:
+    """Offline triage of one message, as `billing-responder explain` does it."""
+    return triage.decide(message, triage.TriagePolicy(keywords=keywords, mailbox_address=mailbox))

@@ -1,0 +1,93 @@
+"""The narrow interfaces the pipeline needs from the outside world.
+
+The pipeline depends on these Protocols only; ``gmail.py``, ``billing.py`` and ``ledger.py`` are
+the real implementations, chosen in one place (``service.py``). Each method states the whole
+contract the pipeline relies on, errors included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from billing_responder.ledger import LedgerEntry
+from billing_responder.model import Customer, Decision, IncomingMessage, MessageRef, PortalSession
+
+
+class Mailbox(Protocol):
+    """The Gmail mailbox being answered.
+
+    Per-message methods raise ``TransientServiceError`` when the message should wait for the next
+    cycle, and ``GmailAuthError``/``FatalServiceError`` when nothing can go on.
+    """
+
+    def address(self) -> str:
+        """The mailbox's own address."""
+
+    def label_ids(self, names: Sequence[str], *, create: bool) -> dict[str, str | None]:
+        """Label name → id; creates the missing ones when ``create``, else maps them to None."""
+
+    def candidates(self, query: str) -> Iterator[MessageRef]:
+        """Every message matching a Gmail search query, across all pages."""
+
+    def fetch(self, ref: MessageRef) -> IncomingMessage:
+        """The message's headers and labels."""
+
+    def send(self, raw: bytes, thread_id: str) -> str:
+        """Send a raw RFC 822 message into a thread; the sent message's Gmail id."""
+
+    def find_rfc822_message(self, message_id: str) -> str | None:
+        """The Gmail id of the message with this Message-ID header, if it exists."""
+
+    def modify(
+        self, message_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> None:
+        """Add and remove labels (names of labels known to ``label_ids``, or system ids)."""
+
+
+class Billing(Protocol):
+    """Stripe, as far as answering billing email needs it."""
+
+    def verify(self) -> None:
+        """One authenticated call; raises ``FatalServiceError`` for a rejected key."""
+
+    def find_customers(self, email: str) -> list[Customer]:
+        """Customer records whose email may match ``email`` (the caller filters exactly)."""
+
+    def create_portal_session(self, customer_id: str, *, idempotency_key: str) -> PortalSession:
+        """A Billing Portal session; the same idempotency key never mints a second one."""
+
+
+class Ledger(Protocol):
+    """The durable record of what happened to each message (see ``ledger.py``)."""
+
+    read_only: bool
+
+    def get(self, gmail_id: str) -> LedgerEntry | None:
+        """The message's row, if it was ever decided."""
+
+    def record_final(
+        self, gmail_id: str, thread_id: str, decision: Decision, customer_id: str | None = None
+    ) -> None:
+        """A skip or escalation, complete."""
+
+    def record_intent(
+        self,
+        gmail_id: str,
+        thread_id: str,
+        decision: Decision,
+        *,
+        customer_id: str,
+        portal_session_id: str,
+        reply_message_id: str,
+    ) -> None:
+        """A reply about to be sent, named by its own Message-ID."""
+
+    def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
+        """Gmail accepted the reply."""
+
+    def record_done(self, gmail_id: str) -> None:
+        """Labelled: nothing left to do."""
+
+    def record_failure(self, gmail_id: str, thread_id: str, error: str) -> None:
+        """A transient failure; the message waits for the next cycle."""

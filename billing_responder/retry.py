@@ -1,0 +1,82 @@
+"""How billing-responder retries a failed call: one mechanism, one policy per service.
+
+The adapters own the question "is this error worth retrying?" (they alone know their client's
+exceptions); this module owns "how": exponential back-off with jitter, honouring the server's
+``Retry-After``, a bounded number of attempts, then the last error is raised for the adapter to
+map. A message whose call still fails is left for the next cycle, so attempts here stay few.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently one service is retried."""
+
+    service: str
+    retryable: Callable[[BaseException], bool]
+    retry_after: Callable[[BaseException], float | None]
+    attempts: int = 4
+    initial_wait: float = 0.5
+    max_wait: float = 8.0
+    #: A longer Retry-After than this is not waited out inside a cycle: the message is deferred.
+    max_retry_after: float = 60.0
+
+    def call(self, fn: Callable[[], T], *, sleep: Callable[[float], None] = time.sleep) -> T:
+        """Run ``fn``, retrying per this policy; re-raise the last error when out of attempts."""
+        backoff = wait_exponential_jitter(
+            initial=self.initial_wait, max=self.max_wait, jitter=self.initial_wait
+        )
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            told = self.retry_after(exc) if exc is not None else None
+            computed = float(backoff(state))
+            return computed if told is None else max(computed, min(told, self.max_retry_after))
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s call failed (%s), attempt %d of %d; retrying in %.1f s",
+                self.service,
+                _short(exc),
+                state.attempt_number,
+                self.attempts,
+                state.upcoming_sleep,
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait,
+            retry=retry_if_exception(self._worth_retrying),
+            reraise=True,
+            sleep=sleep,
+            before_sleep=before_sleep,
+        )
+        return retrying(fn)
+
+    def _worth_retrying(self, exc: BaseException) -> bool:
+        if not self.retryable(exc):
+            return False
+        told = self.retry_after(exc)
+        return told is None or told <= self.max_retry_after
+
+
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no error"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}"

@@ -1,0 +1,75 @@
+"""Where the real adapters are chosen: config in, a ready :class:`Responder` out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from billing_responder.billing import StripeBilling, key_mode
+from billing_responder.config import Config, stripe_api_key
+from billing_responder.gmail import GmailMailbox, load_credentials
+from billing_responder.ledger import SqliteLedger
+from billing_responder.pipeline import CycleReport, Outcome, Responder, Settings
+from billing_responder.render import ReplyRenderer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """A responder wired to the real Gmail, Stripe and SQLite, plus what owns their resources."""
+
+    responder: Responder
+    mailbox: GmailMailbox
+    ledger: SqliteLedger
+
+    def cycle(
+        self,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+    ) -> CycleReport:
+        """One poll cycle; a refreshed Gmail access token is written back afterwards."""
+        try:
+            return self.responder.cycle(should_stop=should_stop, on_outcome=on_outcome)
+        finally:
+            if not self.responder.dry_run:
+                self.mailbox.persist_refreshed_token()
+
+    def close(self) -> None:
+        """Release the database."""
+        self.ledger.close()
+
+
+def build_service(config: Config, *, dry_run: bool) -> Service:
+    """Build the responder from ``config`` and check both services once."""
+    api_key = stripe_api_key(config)
+    renderer = ReplyRenderer(config.reply.templates_dir, config_path=str(config.path))
+    renderer.check()
+    mailbox = GmailMailbox(config.gmail, load_credentials(config.gmail))
+    billing = StripeBilling(
+        api_key,
+        api_base=config.stripe.api_base,
+        return_url=config.stripe.return_url,
+        portal_configuration=config.stripe.portal_configuration,
+        locale=config.stripe.locale,
+        timeout_seconds=config.stripe.timeout_seconds,
+    )
+    ledger = SqliteLedger(config.state.database, read_only=dry_run)
+    responder = Responder(
+        mailbox, billing, ledger, renderer, Settings.from_config(config), dry_run=dry_run
+    )
+    service = Service(responder, mailbox, ledger)
+    try:
+        responder.start()
+    except BaseException:
+        service.close()
+        raise
+    log.info(
+        "answering billing mail for %s; Stripe key mode: %s%s",
+        responder.address,
+        key_mode(api_key),
+        " (dry run: nothing will be sent or changed)" if dry_run else "",
+    )
+    return service
