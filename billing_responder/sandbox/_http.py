@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class EmulatorServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> EmulatorServer:
+    def start(self) -> Self:
         """Serve in a background thread; returns self for chaining."""
         if self._thread is None:
             self._thread = threading.Thread(
@@ -122,7 +122,7 @@ class EmulatorServer:
             self._thread = None
         self._httpd.server_close()
 
-    def __enter__(self) -> EmulatorServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
