@@ -164,8 +164,11 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(shown, name, "must be a table, e.g. [" + name + "]")
         sections[name] = _parse_section(name, _SECTIONS[name], value, shown, base)
-    if "stripe" not in sections:
-        raise ConfigError(shown, "stripe.return_url", "required key is missing")
+    for name, cls in _SECTIONS.items():
+        # An absent section is an empty one: its required keys are reported, its default paths
+        # still resolve against the config file's folder.
+        if name not in sections:
+            sections[name] = _parse_section(name, cls, {}, shown, base)
     config = Config(path=path, **sections)
     _validate(config, shown)
     return config

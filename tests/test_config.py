@@ -1,0 +1,161 @@
+"""config.toml parsing: the documented keys, defaults, and errors that name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from billing_responder.config import load_config, resolve_config_path, stripe_api_key
+from billing_responder.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+[gmail]
+token_file = "token.json"
+token_uri = ""
+api_endpoint = ""
+user_id = "me"
+[stripe]
+api_base = ""
+return_url = "https://example.com/account"
+[triage]
+keywords = ["invoice", "billing"]
+[labels]
+replied = "billing-responder/replied"
+[state]
+database = "state.db"
+[schedule]
+interval_seconds = 5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class TestValidFiles:
+    def test_issue_minimal_file_is_valid_with_defaults(self, tmp_path: Path) -> None:
+        """The key set the issue documents loads, and every other key gets its default."""
+        config = load_config(write(tmp_path, MINIMAL))
+        assert config.triage.keywords == ("invoice", "billing")
+        assert config.labels.needs_human == "billing-responder/needs-human"
+        assert config.schedule.interval_seconds == 5.0
+        assert config.reply.mark_read is False
+
+    def test_relative_paths_resolve_against_the_config_folder(self, tmp_path: Path) -> None:
+        """token_file and database are relative to the config file, not the working directory."""
+        config = load_config(write(tmp_path, MINIMAL))
+        assert config.gmail.token_file == tmp_path.resolve() / "token.json"
+        assert config.state.database == tmp_path.resolve() / "state.db"
+
+    def test_only_return_url_is_required(self, tmp_path: Path) -> None:
+        """A file with just [stripe] return_url is a complete configuration."""
+        config = load_config(write(tmp_path, '[stripe]\nreturn_url = "https://x.test/a"\n'))
+        assert config.gmail.user_id == "me"
+        assert config.state.database == tmp_path.resolve() / "state.db"
+
+    def test_the_shipped_example_config_is_valid(self) -> None:
+        """config.toml in the repository, which documents every key, loads without error."""
+        config = load_config(REPO / "config.toml")
+        assert config.stripe.return_url == "https://example.com/account"
+        assert config.reply.templates_dir is None
+
+    def test_config_path_prefers_option_then_environment(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """--config wins over $BILLING_RESPONDER_CONFIG, which wins over ./config.toml."""
+        monkeypatch.setenv("BILLING_RESPONDER_CONFIG", "/etc/b/config.toml")
+        assert resolve_config_path("mine.toml") == Path("mine.toml")
+        assert resolve_config_path(None) == Path("/etc/b/config.toml")
+        monkeypatch.delenv("BILLING_RESPONDER_CONFIG")
+        assert resolve_config_path(None) == Path("config.toml")
+
+
+class TestErrorsNameFileAndKey:
+    @pytest.mark.parametrize(
+        ("text", "key", "words"),
+        [
+            ('[stripe]\nreturn_url = "https://x.test"\n[gmail]\ntoken_fil = "t.json"\n',
+             "gmail.token_fil", "unknown key"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[gmial]\n', "gmial", "unknown section"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[schedule]\ninterval_seconds = "5"\n',
+             "schedule.interval_seconds", "must be a number"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[triage]\nkeywords = "invoice"\n',
+             "triage.keywords", "list of strings"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[triage]\nkeywords = []\n',
+             "triage.keywords", "non-empty"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[reply]\nmark_read = "yes"\n',
+             "reply.mark_read", "true or false"),
+            ('[stripe]\nreturn_url = "not a url"\n', "stripe.return_url", "not an http(s) URL"),
+            ("[gmail]\n", "stripe.return_url", "required"),
+            ('[stripe]\nreturn_url = "https://x.test"\napi_key = "sk_test_1"\n',
+             "stripe.api_key", "do not belong"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[labels]\nreplied = "a"\nneeds_human = "a"\n',
+             "labels.needs_human", "must differ"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[schedule]\ninterval_seconds = 0\n',
+             "schedule.interval_seconds", "at least 1"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[reply]\ntemplates_dir = "nope"\n',
+             "reply.templates_dir", "not a folder"),
+        ],
+    )
+    def test_bad_value_names_file_key_and_problem(
+        self, tmp_path: Path, text: str, key: str, words: str
+    ) -> None:
+        """Every kind of mistake is a ConfigError naming the file, the dotted key and the problem."""
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.key == key
+        assert str(path) in str(caught.value)
+        assert words in caught.value.problem
+
+    def test_missing_file_says_how_to_point_at_one(self, tmp_path: Path) -> None:
+        """A missing config file is an error that mentions --config."""
+        with pytest.raises(ConfigError, match="--config"):
+            load_config(tmp_path / "absent.toml")
+
+    def test_invalid_toml_is_a_config_error(self, tmp_path: Path) -> None:
+        """A TOML syntax error is reported as such, with the file name."""
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_config(write(tmp_path, "[stripe\n"))
+
+
+class TestStripeKey:
+    def test_environment_variable_wins(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """STRIPE_API_KEY is used when set, before any key file."""
+        (tmp_path / "k").write_text("rk_test_file\n")
+        config = load_config(write(tmp_path, MINIMAL))
+        monkeypatch.setenv("STRIPE_API_KEY", "sk_test_env")
+        assert stripe_api_key(config) == "sk_test_env"
+
+    def test_key_file_is_read_and_stripped(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """[stripe] api_key_file supplies the key when the environment does not."""
+        monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+        (tmp_path / "stripe.key").write_text("rk_test_file\n")
+        text = '[stripe]\nreturn_url = "https://x.test"\napi_key_file = "stripe.key"\n'
+        assert stripe_api_key(load_config(write(tmp_path, text))) == "rk_test_file"
+
+    def test_no_key_anywhere_is_a_config_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without the variable or a key file, the error says how to provide the key."""
+        monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+        config = load_config(write(tmp_path, MINIMAL))
+        with pytest.raises(ConfigError, match="STRIPE_API_KEY"):
+            stripe_api_key(config)
+
+    def test_something_that_is_not_a_stripe_key_is_refused_without_echoing_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A value that is not sk_/rk_ is refused, and the message does not contain it."""
+        monkeypatch.setenv("STRIPE_API_KEY", "pk_live_publishable123")
+        config = load_config(write(tmp_path, MINIMAL))
+        with pytest.raises(ConfigError) as caught:
+            stripe_api_key(config)
+        assert "pk_live_publishable123" not in str(caught.value)
