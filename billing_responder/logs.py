@@ -21,11 +21,19 @@ def mask_address(address: str) -> str:
 
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr at ``level``; quiet the client libraries' own chatter."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _OwnHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only our own handler, so calling this twice (tests, the demo) never doubles lines
+    # and handlers others installed (pytest's capture) stay.
+    for old in [h for h in root.handlers if isinstance(h, _OwnHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level.upper())
     # stripe-python and the Google client log request lines (with query strings) at INFO/DEBUG.
     for noisy in ("stripe", "googleapiclient", "google_auth_httplib2", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _OwnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler billing-responder installs."""
