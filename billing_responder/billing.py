@@ -149,14 +149,15 @@ class StripeBilling:
 
 
 def _customer(obj: Any) -> Customer:
-    subscriptions = obj.get("subscriptions")
+    data = obj.to_dict()  # StripeObject is no dict; a plain copy reads the same at any depth
+    subscriptions = data.get("subscriptions")
     statuses: tuple[str, ...] = ()
-    if subscriptions is not None and not isinstance(subscriptions, str):
+    if isinstance(subscriptions, dict):
         statuses = tuple(str(s.get("status")) for s in subscriptions.get("data", []))
     return Customer(
-        id=str(obj.id),
-        email=str(obj.get("email") or ""),
-        name=obj.get("name"),
-        created=int(obj.get("created") or 0),
+        id=str(data["id"]),
+        email=str(data.get("email") or ""),
+        name=data.get("name"),
+        created=int(data.get("created") or 0),
         subscription_statuses=statuses,
     )
