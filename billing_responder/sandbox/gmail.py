@@ -18,6 +18,10 @@ What it models, and why each piece is here:
 * Search: the ``q`` language in :mod:`billing_responder.sandbox.gmail_query`.
 * Quota: Gmail's per-method units, and a per-minute budget that answers 429 when exceeded.
 
+Beside this module: :mod:`~billing_responder.sandbox.gmail_api` (routes, parameter checks and
+error bodies from the discovery document) and :mod:`~billing_responder.sandbox.gmail_message`
+(one message: its parse and how each ``format`` renders it).
+
 Header values in ``payload.headers`` are returned RFC 2047-decoded, as Gmail does; pass
 ``decode_header_values=False`` to get them raw and test a client against both.
 """
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import html
 import math
 import re
 import secrets
@@ -34,18 +37,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from email import policy
-from email.header import decode_header, make_header
-from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from dataclasses import dataclass
 from email.utils import getaddresses, make_msgid
-from typing import Any, cast
+from typing import Any
 
 from billing_responder.sandbox import gmail_api as api
 from billing_responder.sandbox import gmail_query
 from billing_responder.sandbox._http import EmulatorServer, Fault, RecordedRequest, Response
 from billing_responder.sandbox.gmail_api import GmailApiError
+from billing_responder.sandbox.gmail_message import (
+    MailboxMessage,
+    StoredMessage,
+    bare_message_id,
+    normalised_subject,
+    parse,
+)
 
 __all__ = ["SYSTEM_LABELS", "GmailEmulator", "StoredMessage"]
 
@@ -68,107 +74,7 @@ ACCESS_TOKEN_LIFETIME = 3599
 DEFAULT_SCOPE = "https://www.googleapis.com/auth/gmail.modify"
 _MAX_THREAD_LENGTH = 100  # Gmail starts a new conversation after 100 messages
 _HISTORY_STEP = 3  # history ids grow with gaps in Gmail; clients must not assume +1
-_SNIPPET_LENGTH = 200
 _ID = re.compile(r"[0-9a-fA-F]{1,16}")
-_REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|wg|sv|vs|antw|tr)(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
-
-# -- messages ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """A message as the mailbox holds it, for tests to inspect. ``message`` is a fresh parse."""
-
-    id: str
-    thread_id: str
-    raw: bytes
-    label_ids: frozenset[str]
-    internal_date_ms: int
-    history_id: int
-    message: EmailMessage
-
-
-@dataclass
-class _Message:
-    id: str
-    thread_id: str
-    raw: bytes
-    label_ids: set[str]
-    internal_date_ms: int
-    history_id: int
-    parsed: EmailMessage
-    headers: list[tuple[str, str]]  # decoded, unfolded, in message order
-    doc: gmail_query.SearchDoc
-    snippet: str
-
-    def header(self, name: str) -> str:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), "")
-
-    def ref(self) -> dict[str, Any]:
-        return {"id": self.id, "threadId": self.thread_id}
-
-
-def _parse(raw: bytes) -> EmailMessage:
-    return BytesParser(policy=policy.default).parsebytes(raw)
-
-
-def _unfold(value: str) -> str:
-    """A raw header value on one line, its 8-bit bytes read as UTF-8."""
-    return re.sub(r"\r?\n(?=[ \t])", "", _clean(value))
-
-
-def _decode_words(value: str) -> str:
-    """A raw header value unfolded and, like Gmail, with RFC 2047 encoded words decoded."""
-    unfolded = _unfold(value)
-    try:
-        return str(make_header(decode_header(unfolded)))
-    except (LookupError, ValueError, UnicodeError):  # an unknown charset: Gmail shows it raw
-        return unfolded
-
-
-def _clean(value: str) -> str:
-    # 8-bit header bytes arrive as surrogate escapes; Gmail reads them as UTF-8.
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _text_of(part: Message) -> str:
-    try:
-        content = cast(EmailMessage, part).get_content()
-    except (LookupError, KeyError, ValueError):
-        content = cast(bytes, part.get_payload(decode=True) or b"").decode("utf-8", "replace")
-    text = content if isinstance(content, str) else ""
-    if part.get_content_subtype() == "html":
-        text = html.unescape(re.sub(r"(?s)<(style|script).*?</\1>|<[^>]+>", " ", text))
-    return text
-
-
-def _body_text(parsed: EmailMessage) -> tuple[str, bool]:
-    """The readable text of a message (plain parts preferred) and whether it has an attachment."""
-    plain: list[str] = []
-    rich: list[str] = []
-    attachment = False
-    for part in parsed.walk():
-        if part.is_multipart():
-            continue
-        if part.get_filename() or part.get_content_disposition() == "attachment":
-            attachment = True
-        elif part.get_content_maintype() == "text":
-            (plain if part.get_content_subtype() == "plain" else rich).append(_text_of(part))
-    return " ".join(plain or rich), attachment
-
-
-def _normalised_subject(subject: str) -> str:
-    return " ".join(_REPLY_PREFIX.sub("", subject).split()).casefold()
-
-
-def _msgid(value: str) -> str:
-    return value.strip().strip("<>").strip()
-
-
-def _referenced_ids(message: _Message) -> set[str]:
-    refs = f"{message.header('In-Reply-To')} {message.header('References')}"
-    return {_msgid(m) for m in re.findall(r"<[^<>\s]+>", refs)}
-
 
 # -- the emulator --------------------------------------------------------------------------------
 
@@ -203,7 +109,7 @@ class _Call:
     body: dict[str, Any]
 
 
-def _newest_first(message: _Message) -> api.Key:
+def _newest_first(message: MailboxMessage) -> api.Key:
     return (-message.internal_date_ms, -int(message.id, 16))
 
 
@@ -247,7 +153,7 @@ class GmailEmulator(EmulatorServer):
     def _reset_state(self) -> None:
         with self._lock:
             self._revoked = False
-            self._messages: dict[str, _Message] = {}
+            self._messages: dict[str, MailboxMessage] = {}
             self._threads: dict[str, list[str]] = {}
             self._labels: dict[str, _Label] = {i: _Label(i, i, "system") for i in SYSTEM_LABELS}
             self._next_label = 1
@@ -288,15 +194,15 @@ class GmailEmulator(EmulatorServer):
     # -- inspection --------------------------------------------------------------------------
 
     def sent_messages(self) -> list[StoredMessage]:
-        """Every message sent through the API, oldest first."""
+        """Every message labelled SENT (sent through the API, or seeded so), oldest first."""
         with self._lock:
             found = [m for m in self._messages.values() if "SENT" in m.label_ids]
-            return [self._snapshot(m) for m in found]
+            return [m.snapshot() for m in found]
 
     def message(self, message_id: str) -> StoredMessage:
         """The stored message ``message_id``; KeyError when there is none."""
         with self._lock:
-            return self._snapshot(self._messages[message_id])
+            return self._messages[message_id].snapshot()
 
     def message_label_names(self, message_id: str) -> frozenset[str]:
         """Names of the labels on one message (system labels are named by their ids)."""
@@ -495,69 +401,46 @@ class GmailEmulator(EmulatorServer):
         labels: set[str],
         internal_date_ms: int | None,
         joinable: Sequence[str] | None,
-    ) -> _Message:
+    ) -> MailboxMessage:
         """Add a message; it may join one of the ``joinable`` threads (None: any thread)."""
-        parsed = _parse(raw)
-        headers = self._headers(parsed)
-        body, attachment = _body_text(parsed)
-
-        def values(name: str) -> tuple[str, ...]:
-            return tuple(_decode_words(v) for k, v in parsed.raw_items() if k.lower() == name)
-
-        subject = next(iter(values("subject")), "")
-        message = _Message(
-            id=self._new_id(),
-            thread_id="",
-            raw=raw,
+        message = MailboxMessage.receive(
+            self._new_id(),
+            raw,
             label_ids=labels,
-            internal_date_ms=internal_date_ms
-            if internal_date_ms is not None
-            else int(self._clock() * 1000),
+            internal_date_ms=int(self._clock() * 1000)
+            if internal_date_ms is None
+            else internal_date_ms,
             history_id=self._bump_history(),
-            parsed=parsed,
-            headers=headers,
-            doc=gmail_query.SearchDoc(
-                subject=subject,
-                from_=values("from"),
-                to=values("to"),
-                cc=values("cc"),
-                bcc=values("bcc"),
-                body=body,
-                label_ids=frozenset(),
-                internal_date_ms=0,
-                message_id=next(iter(values("message-id")), ""),
-                has_attachment=attachment,
-            ),
-            snippet=html.escape(" ".join(body.split())[:_SNIPPET_LENGTH]),
+            decode_header_values=self.decode_header_values,
         )
-        message.thread_id = self._thread_for(message, subject, joinable)
+        message.thread_id = self._thread_for(message, joinable)
         self._messages[message.id] = message
         self._threads.setdefault(message.thread_id, []).append(message.id)
         self._record("messagesAdded", message)
         return message
 
-    def _thread_for(self, message: _Message, subject: str, joinable: Sequence[str] | None) -> str:
+    def _thread_for(self, message: MailboxMessage, joinable: Sequence[str] | None) -> str:
         """Gmail's rule: a reply joins the thread of a message it references in In-Reply-To or
         References only if the subjects match once reply prefixes are dropped. A sent message
         may join only the thread its request named; a received one may join any."""
-        refs = _referenced_ids(message)
-        wanted = _normalised_subject(subject)
+        refs = message.referenced_ids()
+        wanted = normalised_subject(message.doc.subject)
         for thread_id in list(self._threads) if joinable is None else joinable:
             members = [self._messages[i] for i in self._threads.get(thread_id, [])]
             if len(members) >= _MAX_THREAD_LENGTH:
                 continue
             for member in members:
-                if _msgid(member.doc.message_id) in refs and (
-                    _normalised_subject(member.doc.subject) == wanted
+                if bare_message_id(member.doc.message_id) in refs and (
+                    normalised_subject(member.doc.subject) == wanted
                 ):
                     return thread_id
         return message.id
 
-    def _record(self, kind: str, message: _Message, changed: Iterable[str] = ()) -> None:
-        snapshot = message.ref() | {"labelIds": sorted(message.label_ids)}
-        self._history.append(_HistoryRecord(message.history_id, kind, snapshot, tuple(changed)))
+    def _record(self, kind: str, message: MailboxMessage, changed: Iterable[str] = ()) -> None:
+        record = _HistoryRecord(message.history_id, kind, message.with_labels(), tuple(changed))
+        self._history.append(record)
 
-    def _modify(self, message: _Message, add: Iterable[str], remove: Iterable[str]) -> None:
+    def _modify(self, message: MailboxMessage, add: Iterable[str], remove: Iterable[str]) -> None:
         added = [i for i in dict.fromkeys(add) if i not in message.label_ids]
         removed = [i for i in dict.fromkeys(remove) if i in message.label_ids and i not in added]
         if not added and not removed:
@@ -579,76 +462,13 @@ class GmailEmulator(EmulatorServer):
                 raise api.bad_request(f"Invalid label: {label}")
         return add, remove
 
-    def _get_message(self, message_id: str) -> _Message:
+    def _get_message(self, message_id: str) -> MailboxMessage:
         if not _ID.fullmatch(message_id):
             raise api.bad_request("Invalid id value")
         found = self._messages.get(message_id.lower())
         if found is None:
             raise api.not_found()
         return found
-
-    def _snapshot(self, message: _Message) -> StoredMessage:
-        return StoredMessage(
-            message.id,
-            message.thread_id,
-            message.raw,
-            frozenset(message.label_ids),
-            message.internal_date_ms,
-            message.history_id,
-            _parse(message.raw),
-        )
-
-    # -- rendering -------------------------------------------------------------------------------
-
-    def _resource(self, message: _Message, fmt: str, wanted: Sequence[str] = ()) -> dict[str, Any]:
-        resource: dict[str, Any] = message.ref() | {
-            "labelIds": sorted(message.label_ids),
-            "snippet": message.snippet,
-            "sizeEstimate": len(message.raw),
-            "historyId": str(message.history_id),
-            "internalDate": str(message.internal_date_ms),
-        }
-        if fmt == "raw":
-            resource["raw"] = api.b64url(message.raw)
-        elif fmt == "metadata":
-            names = {n.lower() for n in wanted}
-            headers = [h for h in message.headers if not names or h[0].lower() in names]
-            resource["payload"] = {
-                "mimeType": message.parsed.get_content_type(),
-                "headers": [{"name": k, "value": v} for k, v in headers],
-            }
-        elif fmt == "full":
-            resource["payload"] = self._part(message.parsed, "", message.headers)
-        return resource
-
-    def _headers(self, part: Message) -> list[tuple[str, str]]:
-        """A part's headers as ``payload.headers`` shows them, in order."""
-        return [
-            (name, _decode_words(value) if self.decode_header_values else _unfold(value))
-            for name, value in part.raw_items()
-        ]
-
-    def _part(
-        self, part: Message, part_id: str, headers: Sequence[tuple[str, str]]
-    ) -> dict[str, Any]:
-        resource: dict[str, Any] = {
-            "partId": part_id,
-            "mimeType": part.get_content_type(),
-            "filename": part.get_filename() or "",
-            "headers": [{"name": k, "value": v} for k, v in headers],
-        }
-        if part.is_multipart():
-            children = cast(list[Message], part.get_payload())
-            prefix = f"{part_id}." if part_id else ""
-            resource["body"] = {"size": 0}
-            resource["parts"] = [
-                self._part(child, f"{prefix}{n}", self._headers(child))
-                for n, child in enumerate(children)
-            ]
-        else:
-            data = cast(bytes, part.get_payload(decode=True) or b"")
-            resource["body"] = {"size": len(data)} | ({"data": api.b64url(data)} if data else {})
-        return resource
 
     # -- searching -------------------------------------------------------------------------------
 
@@ -663,7 +483,7 @@ class GmailEmulator(EmulatorServer):
             if gmail_query.label_search_key(label.name) == key
         )
 
-    def _search(self, params: Mapping[str, Any]) -> list[_Message]:
+    def _search(self, params: Mapping[str, Any]) -> list[MailboxMessage]:
         """Messages matching ``q``, ``labelIds`` and ``includeSpamTrash``, newest first."""
         query = gmail_query.parse(params.get("q", ""))
         ctx = gmail_query.SearchContext(int(self._clock() * 1000), self._resolve_label)
@@ -680,9 +500,7 @@ class GmailEmulator(EmulatorServer):
             and not (hidden & m.label_ids)
             and gmail_query.matches(
                 query,
-                replace(
-                    m.doc, label_ids=frozenset(m.label_ids), internal_date_ms=m.internal_date_ms
-                ),
+                m.search_view(),
                 ctx,
             )
         ]
@@ -730,7 +548,7 @@ class GmailEmulator(EmulatorServer):
     def _messages_get(self, call: _Call) -> Response:
         message = self._get_message(call.path["id"])
         fmt = call.params.get("format", "full")
-        return _ok(self._resource(message, fmt, call.params.get("metadataHeaders", [])))
+        return _ok(message.resource(fmt, call.params.get("metadataHeaders", [])))
 
     def _messages_send(self, call: _Call) -> Response:
         encoded = call.body.get("raw")
@@ -743,7 +561,7 @@ class GmailEmulator(EmulatorServer):
             raise api.bad_request(
                 "Invalid value at 'message.raw' (TYPE_BYTES)", reason="invalid"
             ) from None
-        parsed = _parse(raw)
+        parsed = parse(raw)
         recipients = getaddresses(
             [str(v) for k in ("to", "cc", "bcc") for v in parsed.get_all(k, [])]
         )
@@ -766,13 +584,13 @@ class GmailEmulator(EmulatorServer):
         if any(addr.casefold() == self.address.casefold() for _, addr in recipients):
             labels |= {"INBOX", "UNREAD"}  # mail to oneself lands in one's own inbox too
         message = self._store(added + raw, labels, None, joinable=[str(hint)] if hint else [])
-        return _ok(message.ref() | {"labelIds": sorted(message.label_ids)})
+        return _ok(message.with_labels())
 
     def _messages_modify(self, call: _Call) -> Response:
         message = self._get_message(call.path["id"])
         add, remove = self._check_labels(call.body)
         self._modify(message, add, remove)
-        return _ok(message.ref() | {"labelIds": sorted(message.label_ids)})
+        return _ok(message.with_labels())
 
     def _messages_batch_modify(self, call: _Call) -> Response:
         ids = list(call.body.get("ids", []))
@@ -787,7 +605,7 @@ class GmailEmulator(EmulatorServer):
                 self._modify(self._messages[message_id], add, remove)
         return Response(204)
 
-    def _thread_members(self, thread_id: str) -> list[_Message]:
+    def _thread_members(self, thread_id: str) -> list[MailboxMessage]:
         if not _ID.fullmatch(thread_id):
             raise api.bad_request("Invalid id value")
         ids = self._threads.get(thread_id.lower())
@@ -802,7 +620,7 @@ class GmailEmulator(EmulatorServer):
             {
                 "id": members[0].thread_id,
                 "historyId": str(max(m.history_id for m in members)),
-                "messages": [self._resource(m, fmt, wanted) for m in members],
+                "messages": [m.resource(fmt, wanted) for m in members],
             }
         )
 
@@ -815,7 +633,7 @@ class GmailEmulator(EmulatorServer):
             {
                 "id": members[0].thread_id,
                 "historyId": str(max(m.history_id for m in members)),
-                "messages": [m.ref() | {"labelIds": sorted(m.label_ids)} for m in members],
+                "messages": [m.with_labels() for m in members],
             }
         )
 

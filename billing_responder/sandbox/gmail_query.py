@@ -50,11 +50,11 @@ _CATEGORIES = {
 
 @dataclass(frozen=True)
 class Term:
-    """One search term: ``field`` is an operator name, or :data:`TEXT` for a bare word."""
+    """One search term: ``field`` is an operator name, or :data:`TEXT` for a bare word; a
+    ``value`` of several words (a quoted phrase) matches only as consecutive words."""
 
     field: str
     value: str
-    phrase: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class _Parser:
             inner = self._sequence(scope, "}")
             return Or(inner.children) if isinstance(inner, And) and inner.children else inner
         if char == '"':
-            return Term(scope or TEXT, self._quoted(), phrase=True)
+            return Term(scope or TEXT, self._quoted())
         word = self._word()
         name, colon, value = word.partition(":")
         op = name.lower()
@@ -178,7 +178,7 @@ class _Parser:
             if following in ("(", "{", '"'):
                 return self._primary(op)
             return Term(op, "")
-        return Term(scope or TEXT, word, phrase=bool(colon))
+        return Term(scope or TEXT, word)
 
     # -- lexing helpers ----------------------------------------------------------------------
 
@@ -320,10 +320,11 @@ def _address_match(value: str, text: str) -> bool:
 
 
 def _words_match(value: str, text: str) -> bool:
-    """Every word of ``value`` occurs in ``text`` as consecutive whole words, case-insensitively."""
+    """Every word of ``value`` occurs in ``text`` as consecutive whole words, case-insensitively.
+    A value with no words at all (a lone ``-``) constrains nothing, as in Gmail."""
     wanted = [w.casefold() for w in _WORD.findall(value)]
     if not wanted:
-        return False
+        return True
     words = [w.casefold() for w in _WORD.findall(text)]
     width = len(wanted)
     return any(words[i : i + width] == wanted for i in range(len(words) - width + 1))
