@@ -74,16 +74,21 @@ class StripeBilling:
         timeout_seconds: float = 30.0,
     ) -> None:
         base_addresses: Any = {"api": api_base} if api_base else None
+        self._http = stripe.RequestsClient(timeout=timeout_seconds)
         self._client = stripe.StripeClient(
             api_key,
             base_addresses=base_addresses,
             # Retries are ours (one policy, visible in logs), not the library's hidden ones.
             max_network_retries=0,
-            http_client=stripe.RequestsClient(timeout=timeout_seconds),
+            http_client=self._http,
         )
         self._return_url = return_url
         self._configuration = portal_configuration
         self._locale = locale
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._http.close()
 
     def verify(self) -> None:
         """Make one cheap authenticated call, so a wrong key fails the start, not a reply."""

@@ -153,6 +153,10 @@ class GmailMailbox:
             if not token:
                 return
 
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._service.close()
+
     def persist_refreshed_token(self) -> None:
         """Write the token file back if the client refreshed the access token meanwhile."""
         if self._credentials.token != self._saved_token:

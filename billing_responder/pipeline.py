@@ -141,15 +141,16 @@ class Responder:
         self._policy: triage.TriagePolicy | None = None
 
     def start(self) -> None:
-        """Check both services once and make sure the labels exist (creating them, unless dry)."""
+        """Check both services and the templates once; make sure the labels exist (unless dry)."""
         self.address = self.mailbox.address()
+        # Stripe before the labels: a wrong key must stop the start before anything is written.
+        self.billing.verify()
+        self.renderer.check()
         names = [self.settings.replied_label, self.settings.needs_human_label]
         labels = self.mailbox.label_ids(names, create=not self.dry_run)
         missing = [name for name, label_id in labels.items() if label_id is None]
         if missing:
             log.info("dry run: would create the labels %s", ", ".join(missing))
-        self.billing.verify()
-        self.renderer.check()
         self._policy = triage.TriagePolicy(
             keywords=self.settings.keywords, mailbox_address=self.address
         )

@@ -9,13 +9,13 @@ map. A message whose call still fails is left for the next cycle, so attempts he
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,10 @@ class RetryPolicy:
 
     def call(self, fn: Callable[[], T], *, sleep: Callable[[float], None] = time.sleep) -> T:
         """Run ``fn``, retrying per this policy; re-raise the last error when out of attempts."""
-        backoff = wait_exponential_jitter(
-            initial=self.initial_wait, max=self.max_wait, jitter=self.initial_wait
-        )
-
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             told = self.retry_after(exc) if exc is not None else None
-            computed = float(backoff(state))
+            computed = self.backoff(state.attempt_number)
             return computed if told is None else max(computed, min(told, self.max_retry_after))
 
         def before_sleep(state: RetryCallState) -> None:
@@ -67,6 +63,15 @@ class RetryPolicy:
             before_sleep=before_sleep,
         )
         return retrying(fn)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based), jitter included.
+
+        Exponential (initial, 2x, 4x... capped at ``max_wait``) plus up to ``initial_wait`` of
+        random jitter, so many clients that failed together do not retry together.
+        """
+        exponential = min(self.max_wait, self.initial_wait * 2 ** (attempt - 1))
+        return exponential + random.uniform(0, self.initial_wait)  # noqa: S311 - not crypto
 
     def _worth_retrying(self, exc: BaseException) -> bool:
         if not self.retryable(exc):

@@ -22,6 +22,7 @@ class Service:
 
     responder: Responder
     mailbox: GmailMailbox
+    billing: StripeBilling
     ledger: SqliteLedger
 
     def cycle(
@@ -38,7 +39,9 @@ class Service:
                 self.mailbox.persist_refreshed_token()
 
     def close(self) -> None:
-        """Release the database."""
+        """Release the connections and the database."""
+        self.mailbox.close()
+        self.billing.close()
         self.ledger.close()
 
 
@@ -60,7 +63,7 @@ def build_service(config: Config, *, dry_run: bool) -> Service:
     responder = Responder(
         mailbox, billing, ledger, renderer, Settings.from_config(config), dry_run=dry_run
     )
-    service = Service(responder, mailbox, ledger)
+    service = Service(responder, mailbox, billing, ledger)
     try:
         responder.start()
     except BaseException:

@@ -1,0 +1,438 @@
+"""End to end: `billing-responder once` through the real Gmail and Stripe clients, over HTTP, against
+the emulators. Every assertion is about what the emulators recorded: what a user would see."""
+
+from __future__ import annotations
+
+import base64
+import re
+import sqlite3
+import time
+from email.message import EmailMessage
+
+import pytest
+
+from billing_responder.ledger import SqliteLedger
+from billing_responder.model import Action, Decision
+from billing_responder.sandbox._http import Fault
+from billing_responder.sandbox.inbox import MAILBOX, person_mail
+from tests.conftest import Sandbox
+
+REPLIED = "billing-responder/replied"
+NEEDS_HUMAN = "billing-responder/needs-human"
+
+
+def text_of(message: EmailMessage) -> str:
+    body = message.get_body(preferencelist=("plain",))
+    assert isinstance(body, EmailMessage)
+    return str(body.get_content())
+
+
+def html_of(message: EmailMessage) -> str:
+    body = message.get_body(preferencelist=("html",))
+    assert isinstance(body, EmailMessage)
+    return str(body.get_content())
+
+
+class TestReplyToAKnownCustomer:
+    def test_one_threaded_reply_with_the_minted_portal_url_and_a_labelled_thread(
+        self, sandbox: Sandbox
+    ) -> None:
+        """A billing email from a customer gets exactly one reply, threaded, carrying the minted link."""
+        customer = sandbox.stripe.add_customer(
+            "ada@example.com", name="Ada Lovelace", subscription_statuses=["active"]
+        )
+        raw = person_mail("ada@example.com", "Where is my invoice?", "Hi!", name="Ada Lovelace",
+                          extra_headers={"Reply-To": "attacker@evil.test",
+                                         "Cc": "someone@else.test"})
+        original_id, thread_id = sandbox.gmail.deliver(raw)
+        original = sandbox.gmail.message(original_id).message
+
+        result = sandbox.cli("once")
+
+        assert result.code == 0, result.stderr
+        sent = sandbox.gmail.sent_messages()
+        assert len(sent) == 1
+        reply = sent[0].message
+        assert sent[0].thread_id == thread_id
+        assert reply["To"] == "ada@example.com"
+        assert reply["Cc"] is None and reply["Bcc"] is None
+        assert reply["Subject"] == "Re: Where is my invoice?"
+        assert reply["In-Reply-To"] == original["Message-ID"]
+        assert reply["References"] == original["Message-ID"]
+        assert reply["Auto-Submitted"] == "auto-replied"
+        assert reply["Message-ID"] != original["Message-ID"]
+        assert reply["Message-ID"].endswith("@acme-saas.test>")
+        assert MAILBOX in str(reply["From"])
+
+        sessions = sandbox.stripe.portal_sessions()
+        assert len(sessions) == 1
+        assert sessions[0].customer == customer
+        assert sessions[0].return_url == "https://acme-saas.test/account"
+        assert sessions[0].url in text_of(reply)
+        assert sessions[0].url in html_of(reply)
+        assert "Ada Lovelace" in text_of(reply)
+
+        assert REPLIED in sandbox.gmail.thread_label_names(thread_id)
+        assert REPLIED in sandbox.gmail.message_label_names(original_id)
+        assert "1 replied" in result.stdout
+
+    def test_reply_is_sent_as_raw_json_into_the_thread(self, sandbox: Sandbox) -> None:
+        """messages.send gets {"raw": base64url, "threadId": ...}, not a media upload."""
+        sandbox.stripe.add_customer("ada@example.com", subscription_statuses=["active"])
+        _, thread_id = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once")
+        sends = [r for r in sandbox.gmail.requests if r.path.endswith("/messages/send")]
+        assert len(sends) == 1
+        body = sends[0].json()
+        assert body["threadId"] == thread_id
+        raw = base64.urlsafe_b64decode(body["raw"] + "=" * (-len(body["raw"]) % 4))
+        assert b"Auto-Submitted: auto-replied" in raw
+
+    def test_portal_session_uses_an_idempotency_key_from_the_message_id(
+        self, sandbox: Sandbox
+    ) -> None:
+        """The session is minted with an Idempotency-Key derived from the Gmail message id."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Billing", "?"))
+        sandbox.cli("once")
+        creates = [r for r in sandbox.stripe.requests if r.path == "/v1/billing_portal/sessions"]
+        assert len(creates) == 1
+        assert message_id in creates[0].headers["idempotency-key"]
+
+    def test_second_once_sends_nothing_more(self, sandbox: Sandbox) -> None:
+        """Running `once` again neither replies, labels nor mints anything new."""
+        sandbox.stripe.add_customer("ada@example.com", subscription_statuses=["active"])
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice please", "?"))
+        assert sandbox.cli("once").code == 0
+        writes_before = (len(sandbox.gmail.writes()), len(sandbox.stripe.writes()))
+
+        second = sandbox.cli("once")
+
+        assert second.code == 0
+        assert len(sandbox.gmail.sent_messages()) == 1
+        assert len(sandbox.stripe.portal_sessions()) == 1
+        assert (len(sandbox.gmail.writes()), len(sandbox.stripe.writes())) == writes_before
+
+    def test_handled_but_unlabelled_message_is_not_answered_again(self, sandbox: Sandbox) -> None:
+        """Even if someone removes the label, the ledger stops a second reply across restarts."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once")
+        label = sandbox.gmail.label_id(REPLIED)
+        sandbox.gmail.clear_requests()
+        # A person strips the label by hand in Gmail's UI.
+        api = sandbox.gmail_api()
+        api.users().messages().modify(
+            userId="me", id=message_id, body={"removeLabelIds": [label]}
+        ).execute()
+        api.close()
+
+        assert sandbox.cli("once").code == 0
+        assert len(sandbox.gmail.sent_messages()) == 1
+
+    def test_mark_read_removes_unread_from_the_answered_message(self, sandbox: Sandbox) -> None:
+        """With [reply] mark_read, the answered message loses UNREAD in the same modify call."""
+        text = sandbox.config_path.read_text().replace(
+            'signature = "The Acme support team"',
+            'signature = "The Acme support team"\nmark_read = true',
+        )
+        sandbox.config_path.write_text(text)
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once")
+        labels = sandbox.gmail.message_label_names(message_id)
+        assert "UNREAD" not in labels and REPLIED in labels
+        modifies = [r for r in sandbox.gmail.requests if r.path.endswith("/modify")]
+        assert len(modifies) == 1
+
+
+class TestCustomerLookup:
+    def test_sender_with_different_case_still_finds_the_customer(self, sandbox: Sandbox) -> None:
+        """Bob@Example.ORG finds the Stripe customer stored as bob@example.org."""
+        customer = sandbox.stripe.add_customer("bob@example.org", name="Bob")
+        sandbox.gmail.deliver(person_mail("Bob@Example.ORG", "Invoice question", "?"))
+        assert sandbox.cli("once").code == 0
+        sessions = sandbox.stripe.portal_sessions()
+        assert [s.customer for s in sessions] == [customer]
+        assert sandbox.gmail.sent_messages()[0].message["To"] == "Bob@Example.ORG"
+
+    def test_customer_stored_with_capitals_is_found_once_search_has_indexed_it(
+        self, sandbox: Sandbox
+    ) -> None:
+        """A record stored as Carol@Example.com (beyond the case-sensitive list filter) is found."""
+        customer = sandbox.stripe.add_customer("Carol@Example.com", created=int(time.time()) - 3600)
+        sandbox.gmail.deliver(person_mail("carol@example.com", "Billing", "?"))
+        assert sandbox.cli("once").code == 0
+        assert [s.customer for s in sandbox.stripe.portal_sessions()] == [customer]
+
+    def test_two_customers_with_one_email_picks_the_one_with_a_live_subscription(
+        self, sandbox: Sandbox
+    ) -> None:
+        """The newest record with an active/trialing/past_due subscription wins over a newer dead one."""
+        now = int(time.time())
+        sandbox.stripe.add_customer("grace@example.net", created=now - 900,
+                                    subscription_statuses=["canceled"])
+        live = sandbox.stripe.add_customer("grace@example.net", created=now - 600,
+                                           subscription_statuses=["trialing"])
+        sandbox.stripe.add_customer("grace@example.net", created=now - 300)
+        sandbox.gmail.deliver(person_mail("grace@example.net", "Billing", "?"))
+        assert sandbox.cli("once").code == 0
+        assert [s.customer for s in sandbox.stripe.portal_sessions()] == [live]
+
+    def test_two_customers_without_subscriptions_picks_the_newest(self, sandbox: Sandbox) -> None:
+        """Without any live subscription, the most recently created record is used."""
+        now = int(time.time())
+        sandbox.stripe.add_customer("grace@example.net", created=now - 900)
+        newest = sandbox.stripe.add_customer("grace@example.net", created=now - 100)
+        sandbox.gmail.deliver(person_mail("grace@example.net", "Billing", "?"))
+        sandbox.cli("once")
+        assert [s.customer for s in sandbox.stripe.portal_sessions()] == [newest]
+
+    def test_unknown_sender_is_labelled_needs_human_and_gets_no_link(
+        self, sandbox: Sandbox
+    ) -> None:
+        """No Stripe customer: no reply, no portal session, the thread is labelled needs-human."""
+        message_id, thread_id = sandbox.gmail.deliver(
+            person_mail("stranger@unknown.test", "Billing problem", "charged twice")
+        )
+        result = sandbox.cli("once")
+        assert result.code == 0
+        assert sandbox.gmail.sent_messages() == []
+        assert sandbox.stripe.portal_sessions() == []
+        labels = sandbox.gmail.thread_label_names(thread_id)
+        assert NEEDS_HUMAN in labels and REPLIED not in labels
+        assert "no Stripe customer" in result.stdout
+        # Escalated once: the next cycle does not label or look it up again.
+        sandbox.stripe.clear_requests()
+        sandbox.cli("once")
+        assert not [r for r in sandbox.stripe.requests if r.path.startswith("/v1/customers?")]
+        assert message_id in {e.gmail_id for e in _ledger(sandbox).entries()}
+
+
+class TestWhatIsNotAnswered:
+    def test_non_billing_mail_is_untouched(self, sandbox: Sandbox) -> None:
+        """A message whose subject mentions no keyword gets no reply, no label and no lookup."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Lunch?", "Friday?"))
+        before = sandbox.gmail.message_label_names(message_id)
+        assert sandbox.cli("once").code == 0
+        assert sandbox.gmail.sent_messages() == []
+        assert sandbox.gmail.message_label_names(message_id) == before
+        assert not [r for r in sandbox.stripe.requests if "email" in r.query]
+
+    def test_keyword_inside_a_longer_word_is_not_billing(self, sandbox: Sandbox) -> None:
+        """'Invoicing software demo' passes Gmail's search but not the local whole-word check."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Billingsgate fish market", "?"))
+        sandbox.cli("once")
+        assert sandbox.gmail.sent_messages() == []
+
+    def test_auto_reply_from_a_paying_customer_is_skipped(self, sandbox: Sandbox) -> None:
+        """An out-of-office reply is never answered, even from a customer and about an invoice."""
+        sandbox.stripe.add_customer("ada@example.com", subscription_statuses=["active"])
+        sandbox.gmail.deliver(person_mail(
+            "ada@example.com", "Automatic reply: Your invoice", "Away",
+            extra_headers={"Auto-Submitted": "auto-replied"}))
+        result = sandbox.cli("once")
+        assert result.code == 0
+        assert sandbox.gmail.sent_messages() == []
+        assert sandbox.stripe.portal_sessions() == []
+        assert "skipped" in result.stdout
+
+    def test_mail_from_the_mailbox_itself_is_skipped(self, sandbox: Sandbox) -> None:
+        """The responder never answers its own mailbox's mail."""
+        sandbox.stripe.add_customer(MAILBOX)
+        sandbox.gmail.deliver(person_mail(MAILBOX, "Invoice", "note to self"))
+        sandbox.cli("once")
+        assert sandbox.gmail.sent_messages() == []
+
+
+class TestEncodedSubjects:
+    def test_rfc2047_subject_is_matched_and_quoted_decoded(self, sandbox: Sandbox) -> None:
+        """=?UTF-8?B?...?= subjects are decoded before matching and in the reply's Subject."""
+        sandbox.stripe.add_customer("jose@example.es", name="José Núñez")
+        encoded = "=?UTF-8?B?" + base64.b64encode("¿Dónde está mi invoice?".encode()).decode() + "?="
+        sandbox.gmail.deliver(person_mail("jose@example.es", encoded, "Hola"))
+        assert sandbox.cli("once").code == 0
+        sent = sandbox.gmail.sent_messages()
+        assert len(sent) == 1
+        assert sent[0].message["Subject"] == "Re: ¿Dónde está mi invoice?"
+        assert "José Núñez" in text_of(sent[0].message)
+
+
+class TestDryRun:
+    def test_dry_run_makes_no_write_request_to_either_emulator(self, sandbox: Sandbox) -> None:
+        """--dry-run reads and looks up, but sends, labels, creates and mints nothing."""
+        sandbox.stripe.add_customer("ada@example.com", name="Ada", subscription_statuses=["active"])
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Where is my invoice?", "?"))
+        sandbox.gmail.deliver(person_mail("stranger@unknown.test", "Billing", "?"))
+
+        result = sandbox.cli("once", "--dry-run")
+
+        assert result.code == 0, result.stderr
+        assert sandbox.gmail.writes() == []
+        assert sandbox.stripe.writes() == []
+        assert any(r.path.endswith("/messages") for r in sandbox.gmail.requests)
+        assert any(r.path == "/v1/customers" for r in sandbox.stripe.requests)
+        assert not (sandbox.folder / "state.db").exists()
+
+    def test_dry_run_prints_recipient_and_full_reply_with_a_placeholder_link(
+        self, sandbox: Sandbox
+    ) -> None:
+        """The review shows the recipient, the whole reply text and an obviously fake link."""
+        sandbox.stripe.add_customer("ada@example.com", name="Ada Lovelace")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Where is my invoice?", "?"))
+        sandbox.gmail.deliver(person_mail("stranger@unknown.test", "Billing", "?"))
+        result = sandbox.cli("once", "--dry-run")
+        assert "Reply to: ada@example.com" in result.stdout
+        assert "Hello Ada Lovelace," in result.stdout
+        assert "DRY-RUN-NO-SESSION-CREATED" in result.stdout
+        assert "WOULD ESCALATE" in result.stdout
+        assert "no Stripe customer" in result.stdout
+
+    def test_dry_run_then_real_run_answers_normally(self, sandbox: Sandbox) -> None:
+        """A dry run leaves no trace that would stop the real run from answering."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once", "--dry-run")
+        sandbox.cli("once")
+        assert len(sandbox.gmail.sent_messages()) == 1
+
+
+class TestFailuresLoseNothing:
+    def test_stripe_outage_defers_the_message_and_the_next_cycle_answers(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """A Stripe 503 that outlasts the retries leaves the message unanswered and unmarked."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.stripe.inject_fault(Fault(503, path="/v1/billing_portal/sessions", times=10))
+
+        first = sandbox.cli("once")
+
+        assert first.code == 0
+        assert "1 deferred" in first.stdout
+        assert sandbox.gmail.sent_messages() == []
+        assert REPLIED not in sandbox.gmail.message_label_names(message_id)
+        sandbox.stripe.clear_faults()
+        assert sandbox.cli("once").code == 0
+        assert len(sandbox.gmail.sent_messages()) == 1
+
+    def test_transient_gmail_error_is_retried_within_the_cycle(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """One 429 with Retry-After on send is retried, and exactly one reply goes out."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.gmail.inject_fault(Fault(429, method="POST", path="/messages/send",
+                                         reason="rateLimitExceeded",
+                                         headers={"Retry-After": "0"}))
+        assert sandbox.cli("once").code == 0
+        assert len(sandbox.gmail.sent_messages()) == 1
+        sends = [r for r in sandbox.gmail.requests if r.path.endswith("/messages/send")]
+        assert [r.status for r in sends] == [429, 200]
+
+    def test_interrupted_reply_found_in_the_mailbox_is_not_sent_again(
+        self, sandbox: Sandbox
+    ) -> None:
+        """An intent whose reply did reach Gmail (crash before recording) is finished, not resent."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, thread_id = sandbox.gmail.deliver(
+            person_mail("ada@example.com", "Invoice", "?"))
+        our_id = "<crashed-reply-1@acme-saas.test>"
+        ledger = _ledger(sandbox)
+        ledger.record_intent(message_id, thread_id,
+                             Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
+                             customer_id="cus_x", portal_session_id="bps_x",
+                             reply_message_id=our_id)
+        ledger.close()
+        # The reply the crashed run had sent:
+        reply = EmailMessage()
+        reply["From"], reply["To"], reply["Subject"] = MAILBOX, "ada@example.com", "Re: Invoice"
+        reply["Message-ID"] = our_id
+        reply.set_content("link")
+        sandbox.gmail.deliver(bytes(reply), label_ids=("SENT",))
+
+        assert sandbox.cli("once").code == 0
+
+        assert not [r for r in sandbox.gmail.requests if r.path.endswith("/messages/send")]
+        assert sandbox.stripe.portal_sessions() == []
+        assert REPLIED in sandbox.gmail.message_label_names(message_id)
+
+    def test_interrupted_reply_not_in_the_mailbox_is_sent_with_the_recorded_message_id(
+        self, sandbox: Sandbox
+    ) -> None:
+        """An intent whose send never happened is sent once, under the Message-ID it recorded."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, thread_id = sandbox.gmail.deliver(
+            person_mail("ada@example.com", "Invoice", "?"))
+        our_id = "<never-sent-1@acme-saas.test>"
+        ledger = _ledger(sandbox)
+        ledger.record_intent(message_id, thread_id,
+                             Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
+                             customer_id="cus_x", portal_session_id="bps_x",
+                             reply_message_id=our_id)
+        ledger.close()
+        assert sandbox.cli("once").code == 0
+        sent = sandbox.gmail.sent_messages()
+        assert [s.message["Message-ID"] for s in sent] == [our_id]
+
+
+class TestFatalErrors:
+    def test_rejected_stripe_key_exits_1_with_one_clear_line(self, sandbox: Sandbox) -> None:
+        """A key Stripe refuses stops the run at start with exit 1, before touching any mail."""
+        (sandbox.folder / "stripe.key").write_text("sk_test_wrong0000000000")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        result = sandbox.cli("once")
+        assert result.code == 1
+        assert result.stderr.strip().splitlines()[-1].startswith("billing-responder: Stripe:")
+        assert "sk_test_wrong0000000000" not in result.stderr
+        assert sandbox.gmail.writes() == []
+
+    def test_revoked_gmail_token_exits_1_and_says_what_to_do(self, sandbox: Sandbox) -> None:
+        """invalid_grant is reported in one line that names the problem, exit 1, no traceback."""
+        sandbox.gmail.revoke()
+        result = sandbox.cli("once")
+        assert result.code == 1
+        assert "invalid_grant" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_bad_config_exits_2_naming_file_and_key(self, sandbox: Sandbox) -> None:
+        """A wrong type in the config exits 2 with one line naming the file and the key."""
+        sandbox.set_config('[schedule]\ninterval_seconds = "often"\n')
+        result = sandbox.cli("once")
+        assert result.code == 2
+        line = result.stderr.strip()
+        assert "\n" not in line
+        assert str(sandbox.config_path) in line and "schedule.interval_seconds" in line
+
+    def test_gmail_unreachable_after_retries_exits_1(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """If Gmail keeps answering 503 to the listing, `once` exits 1 with one line."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.inject_fault(Fault(503, path=r"/messages$", times=50))
+        result = sandbox.cli("once")
+        assert result.code == 1
+        assert re.search(r"Gmail: HTTP 503", result.stderr)
+
+
+class TestSecrets:
+    def test_no_portal_url_in_logs_output_or_database(
+        self, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The minted URL reaches only the reply: not stdout, not stderr, not logs, not the ledger."""
+        caplog.set_level("DEBUG")
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        result = sandbox.cli("--log-level", "DEBUG", "once")
+        url = sandbox.stripe.portal_sessions()[0].url
+        assert url not in result.stdout and url not in result.stderr
+        assert url not in caplog.text
+        dump = "\n".join(sqlite3.connect(sandbox.folder / "state.db").iterdump())
+        assert url not in dump
+        assert sandbox.stripe.portal_sessions()[0].id in dump
+
+
+def _ledger(sandbox: Sandbox) -> SqliteLedger:
+    return SqliteLedger(sandbox.folder / "state.db")
