@@ -436,3 +436,16 @@ class TestSecrets:
 
 def _ledger(sandbox: Sandbox) -> SqliteLedger:
     return SqliteLedger(sandbox.folder / "state.db")
+
+
+class TestRawHeaderValues:
+    def test_encoded_subject_is_matched_when_gmail_hands_back_raw_encoded_words(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """If format=metadata returns =?UTF-8?Q?...?= undecoded, triage still decodes and matches."""
+        monkeypatch.setattr(sandbox.gmail, "decode_header_values", False)
+        sandbox.stripe.add_customer("jose@example.es")
+        sandbox.gmail.deliver(person_mail("jose@example.es", "=?UTF-8?Q?Factura_/_Invoice_m=C3=A1rzo?=", "?"))
+        assert sandbox.cli("once").code == 0
+        sent = sandbox.gmail.sent_messages()
+        assert [s.message["Subject"] for s in sent] == ["Re: Factura / Invoice márzo"]
