@@ -63,6 +63,7 @@ from billing_responder.mail import (
     parse_authentication_results,
     same_address,
     sender_address,
+    single_line,
 )
 from billing_responder.model import Action, Decision, IncomingMessage
 
@@ -157,10 +158,21 @@ def _decision(
     skip: list[str], escalate: list[str], replying: list[str], sender: str | None, subject: str
 ) -> Decision:
     if skip:
-        return Decision(Action.SKIP, tuple(skip), sender, subject)
+        return Decision(Action.SKIP, _lines(skip), sender, subject)
     if escalate:
-        return Decision(Action.ESCALATE, tuple(escalate), sender, subject)
-    return Decision(Action.REPLY, tuple(replying), sender, subject)
+        return Decision(Action.ESCALATE, _lines(escalate), sender, subject)
+    return Decision(Action.REPLY, _lines(replying), sender, subject)
+
+
+def _lines(reasons: Iterable[str]) -> tuple[str, ...]:
+    # Reasons end up in logs and JSON: one line each, whatever the headers held.
+    return tuple(single_line(reason) for reason in reasons)
+
+
+def _show(value: str, limit: int = 80) -> str:
+    """A header-derived value as it may appear inside a reason: one line, at most ``limit``."""
+    text = single_line(value)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _ids(message: IncomingMessage, *names: str) -> Iterable[str]:
@@ -256,7 +268,7 @@ def automated_signals(
     """
     if sender is None:
         sender = sender_address(message)
-    return tuple(reason for check in _AUTOMATED_CHECKS for reason in check(message, sender))
+    return _lines(reason for check in _AUTOMATED_CHECKS for reason in check(message, sender))
 
 
 _Check = Callable[[IncomingMessage, str | SenderProblem], Iterable[str]]
@@ -266,19 +278,19 @@ def _auto_submitted(message: IncomingMessage, _: str | SenderProblem) -> Iterabl
     for value in message.get_all("Auto-Submitted"):
         keyword = header_keyword(value)
         if keyword != "no":
-            yield f"automated: Auto-Submitted: {keyword or '(empty)'} (RFC 3834)"
+            yield f"automated: Auto-Submitted: {_show(keyword) or '(empty)'} (RFC 3834)"
 
 
 def _list_headers(message: IncomingMessage, _: str | SenderProblem) -> Iterable[str]:
     names = sorted({name.title() for name in message.names() if name.startswith("list-")})
     if names:
-        yield f"automated: mailing-list headers {', '.join(names)} (RFC 2369)"
+        yield f"automated: mailing-list headers {_show(', '.join(names))} (RFC 2369)"
 
 
 def _precedence(message: IncomingMessage, _: str | SenderProblem) -> Iterable[str]:
     for value in message.get_all("Precedence"):
         if header_keyword(value) in _BULK_PRECEDENCE:
-            yield f"automated: Precedence: {header_keyword(value)}"
+            yield f"automated: Precedence: {_show(header_keyword(value))}"
 
 
 def _autoreply_headers(message: IncomingMessage, _: str | SenderProblem) -> Iterable[str]:
@@ -293,7 +305,7 @@ def _reports(message: IncomingMessage, _: str | SenderProblem) -> Iterable[str]:
     for value in message.get_all("Content-Type"):
         media_type = header_keyword(value)
         if media_type in _REPORT_TYPES:
-            yield f"automated: Content-Type {media_type} (a delivery or feedback report)"
+            yield f"automated: Content-Type {_show(media_type)} (a delivery or feedback report)"
     for name, what in _BOUNCE_HEADERS.items():
         if message.has(name):
             yield f"automated: the message {what} ({name})"
@@ -318,7 +330,7 @@ def _machine_addresses(message: IncomingMessage, _: str | SenderProblem) -> Iter
             for address in mailboxes(value) or ():
                 if address.username and is_machine_local_part(address.username):
                     yield (
-                        f"automated: {name} {address.addr_spec} is a mail-system"
+                        f"automated: {name} {_show(address.addr_spec)} is a mail-system"
                         " or no-reply address"
                     )
 
@@ -367,13 +379,14 @@ def sender_authentication(
     results = _trusted_results(message, trusted)
     if results is None:
         return False, "no Authentication-Results header from " + " or ".join(trusted)
-    server = results.authserv_id
+    server = _show(results.authserv_id)
     dmarc = [r for r in results.results if r.method == "dmarc"]
     if dmarc:
         for result in dmarc:
             if result.result == "pass" and result.get("header.from") == domain:
                 return True, f"{server} reports dmarc=pass for {domain}"
         verdicts = ", ".join(f"dmarc={r.result} for {r.get('header.from')}" for r in dmarc)
+        verdicts = _show(verdicts)
         return False, f"{server} reports {verdicts}"
     for result in results.results:
         if result.result != "pass":
@@ -385,7 +398,7 @@ def sender_authentication(
         else:
             continue
         if signer and _aligned(signer, domain):
-            return True, f"{server} reports {result.method}=pass for {signer}"
+            return True, f"{server} reports {result.method}=pass for {_show(signer)}"
     return False, f"{server} reports no passing dmarc, dkim or spf result for {domain}"
 
 

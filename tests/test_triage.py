@@ -98,7 +98,16 @@ class TestKeywords:
 
     @pytest.mark.parametrize(
         "subject",
-        ["invoicer", "reinvoiced", "invoices", "invoice_2024", "payment methods", "paymentmethod"],
+        [
+            "invoicer",
+            "reinvoiced",
+            "preinvoice",
+            "e_invoice",
+            "invoices",
+            "invoice_2024",
+            "payment methods",
+            "paymentmethod",
+        ],
     )
     def test_part_of_a_word_does_not_match(self, subject: str) -> None:
         """A keyword inside a longer word is not a match (plurals must be configured)."""
@@ -528,6 +537,12 @@ class TestRobustness:
         decision = decided(incoming(From="a" * 200_000 + "@example.com"))
         assert decision.action is Action.ESCALATE
         assert has_reason(decision, "From cannot be parsed")
+
+    def test_reasons_are_single_short_lines(self) -> None:
+        """Header text quoted in a reason cannot break the line or flood the log."""
+        decision = decided(incoming(("Auto-Submitted", "auto-replied\r\nX-Injected: " + "y" * 500)))
+        assert decision.action is Action.SKIP
+        assert all("\n" not in r and "\r" not in r and len(r) < 200 for r in decision.reasons)
 
     def test_undecodable_subject(self) -> None:
         """A subject in a broken charset or encoding is decoded as far as possible."""
