@@ -13,14 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from billing_responder.mail import message_from_bytes
+from billing_responder.mail import message_from_bytes, sender_address
 from billing_responder.model import Action, Decision
-from billing_responder.triage import TriagePolicy, automated_signals, decide
+from billing_responder.triage import (
+    TriagePolicy,
+    automated_signals,
+    decide,
+    sender_authentication,
+)
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 EXPECTED_FILES = {"automated": 287, "human": 6}
 MAILBOX = "billing@support.example.net"
 POLICY = TriagePolicy(keywords=("invoice", "billing"), mailbox_address=MAILBOX)
+TRUSTED = POLICY.trusted_authserv_ids
 CUSTOMER = b"customer@customer.example"
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -82,6 +88,12 @@ def from_paying_customer(raw: bytes) -> bytes:
     )
 
 
+def is_machine_or_unvouched(reason: str) -> bool:
+    """Whether a skip reason is about automated mail or an unauthenticated sender (the only
+    reasons left once the message is unread, unhandled and mentions an invoice)."""
+    return reason.startswith("automated: ") or " is not authenticated: " in reason
+
+
 def triage(raw: bytes) -> Decision:
     """The decision for a raw message, as `billing-responder explain` makes it."""
     return decide(message_from_bytes(raw), POLICY)
@@ -98,9 +110,13 @@ class TestCorpusIsPresent:
 class TestAutomatedMailIsNeverAnswered:
     @pytest.mark.parametrize("path", corpus_params("automated"))
     def test_as_delivered(self, path: Path | None) -> None:
-        """A machine-generated message is skipped as it is."""
-        decision = triage(read(path))
+        """A machine-generated message is skipped as it is; if Gmail authenticated it, by its markers."""
+        message = message_from_bytes(read(path))
+        decision = decide(message, POLICY)
         assert decision.action is Action.SKIP, decision.reasons
+        sender = sender_address(message)
+        if isinstance(sender, str) and sender_authentication(message, sender, TRUSTED)[0]:
+            assert automated_signals(message), "authenticated machine mail needs a marker"
 
     @pytest.mark.parametrize("path", corpus_params("automated"))
     def test_with_an_invoice_subject(self, path: Path | None) -> None:
@@ -109,7 +125,7 @@ class TestAutomatedMailIsNeverAnswered:
         assert message_from_bytes(raw).get("Subject") == "Invoice INV-2024-0042 question"
         decision = triage(raw)
         assert decision.action is Action.SKIP, decision.reasons
-        assert not any(reason.startswith("not billing") for reason in decision.reasons)
+        assert all(is_machine_or_unvouched(reason) for reason in decision.reasons)
 
     @pytest.mark.parametrize("path", corpus_params("automated"))
     def test_from_a_paying_customer(self, path: Path | None) -> None:
@@ -119,6 +135,7 @@ class TestAutomatedMailIsNeverAnswered:
         assert message.get_all("From") == ["Paying Customer <customer@customer.example>"]
         decision = triage(raw)
         assert decision.action is Action.SKIP, decision.reasons
+        assert all(is_machine_or_unvouched(reason) for reason in decision.reasons)
 
     def test_markers_alone_recognise_all_but_the_unmarked(self) -> None:
         """Without the authentication check, automated-mail markers still catch all but one message.
