@@ -88,7 +88,7 @@ class StripeBilling:
 
     def close(self) -> None:
         """Close the HTTP connections."""
-        self._http.close()
+        self._http.close()  # type: ignore[no-untyped-call]
 
     def verify(self) -> None:
         """Make one cheap authenticated call, so a wrong key fails the start, not a reply."""

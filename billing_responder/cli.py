@@ -19,6 +19,7 @@ from billing_responder import __version__
 from billing_responder.config import (
     CONFIG_ENV_VAR,
     Config,
+    SecurityConfig,
     TriageConfig,
     load_config,
     resolve_config_path,
@@ -144,16 +145,17 @@ def _run(config: Config, *, dry_run: bool) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    keywords = TriageConfig().keywords
+    keywords, authserv_id = TriageConfig().keywords, SecurityConfig().authserv_id
     config_path = resolve_config_path(args.config)
     # The config is optional offline, but one the user pointed at must be valid.
     if args.config is not None or config_path.exists():
-        keywords = load_config(config_path).triage.keywords
+        config = load_config(config_path)
+        keywords, authserv_id = config.triage.keywords, config.security.authserv_id
     try:
         raw = args.file.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    decision = triage_message(message_from_bytes(raw), keywords, args.mailbox)
+    decision = triage_message(message_from_bytes(raw), keywords, args.mailbox, authserv_id)
     print(json.dumps(decision.as_json(), indent=2, ensure_ascii=False))
     return EXIT_OK
 

@@ -80,6 +80,13 @@ class ReplyConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """``[security]``: whose word on sender authentication is trusted."""
+
+    authserv_id: str = "mx.google.com"
+
+
+@dataclass(frozen=True)
 class StateConfig:
     """``[state]``: where the ledger of handled messages lives."""
 
@@ -110,6 +117,7 @@ class Config:
     triage: TriageConfig = field(default_factory=TriageConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     reply: ReplyConfig = field(default_factory=ReplyConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     state: StateConfig = field(default_factory=StateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -121,6 +129,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "triage": TriageConfig,
     "labels": LabelsConfig,
     "reply": ReplyConfig,
+    "security": SecurityConfig,
     "state": StateConfig,
     "schedule": ScheduleConfig,
     "logging": LoggingConfig,
@@ -280,6 +289,11 @@ def _validate(config: Config, shown: str) -> None:
         raise ConfigError(shown, "labels.needs_human", "must differ from labels.replied")
     if config.schedule.interval_seconds < 1:
         raise ConfigError(shown, "schedule.interval_seconds", "must be at least 1 second")
+    authserv_id = config.security.authserv_id
+    if not authserv_id or any(c.isspace() or c == ";" for c in authserv_id):
+        raise ConfigError(
+            shown, "security.authserv_id", "must be a host name such as mx.google.com"
+        )
     if config.logging.level.upper() not in _LOG_LEVELS:
         raise ConfigError(shown, "logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
     templates = config.reply.templates_dir

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from billing_responder.mail import same_address
 from billing_responder.model import Customer
-
-
-def same_address(a: str, b: str) -> bool:
-    """Whether two addresses are the same mailbox for lookup purposes.
-
-    Case-insensitive on the whole address (mail systems treat local parts case-insensitively in
-    practice, while Stripe's email filter does not). Gmail dots and +tags are deliberately NOT
-    normalised: ``a.b+x@gmail.com`` is a different customer record from ``ab@gmail.com``.
-    """
-    return a.strip().casefold() == b.strip().casefold()
 
 
 def choose_customer(candidates: Iterable[Customer], sender: str) -> Customer | None:
     """The customer record a sender most likely means, or None.
 
-    Only records whose email equals the sender (case-insensitively) count. Of several, the most
-    recently created one with an active, trialing or past_due subscription wins; if none has one,
-    the most recently created.
+    Only records whose email equals the sender (case-insensitively) count; Gmail dots and +tags
+    are deliberately not normalised (``a.b+x@gmail.com`` is another record than ``ab@gmail.com``).
+    Of several, the most recently created one with an active, trialing or past_due subscription
+    wins; if none has one, the most recently created.
     """
     matching = {c.id: c for c in candidates if same_address(c.email, sender)}
     if not matching:

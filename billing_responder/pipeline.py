@@ -88,6 +88,7 @@ class Settings:
     mark_read: bool
     signature: str
     from_name: str
+    authserv_id: str = "mx.google.com"
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -99,6 +100,7 @@ class Settings:
             mark_read=config.reply.mark_read,
             signature=config.reply.signature,
             from_name=config.reply.from_name,
+            authserv_id=config.security.authserv_id,
         )
 
 
@@ -152,7 +154,9 @@ class Responder:
         if missing:
             log.info("dry run: would create the labels %s", ", ".join(missing))
         self._policy = triage.TriagePolicy(
-            keywords=self.settings.keywords, mailbox_address=self.address
+            keywords=self.settings.keywords,
+            mailbox_address=self.address,
+            trusted_authserv_ids=(self.settings.authserv_id,),
         )
 
     def cycle(
@@ -309,6 +313,11 @@ def _with_reason(decision: Decision, action: Action, reason: str) -> Decision:
     return replace(decision, action=action, reasons=(*decision.reasons, reason))
 
 
-def triage_message(message: IncomingMessage, keywords: tuple[str, ...], mailbox: str) -> Decision:
+def triage_message(
+    message: IncomingMessage, keywords: tuple[str, ...], mailbox: str, authserv_id: str
+) -> Decision:
     """Offline triage of one message, as `billing-responder explain` does it."""
-    return triage.decide(message, triage.TriagePolicy(keywords=keywords, mailbox_address=mailbox))
+    policy = triage.TriagePolicy(
+        keywords=keywords, mailbox_address=mailbox, trusted_authserv_ids=(authserv_id,)
+    )
+    return triage.decide(message, policy)

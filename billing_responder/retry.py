@@ -70,7 +70,7 @@ class RetryPolicy:
         Exponential (initial, 2x, 4x... capped at ``max_wait``) plus up to ``initial_wait`` of
         random jitter, so many clients that failed together do not retry together.
         """
-        exponential = min(self.max_wait, self.initial_wait * 2 ** (attempt - 1))
+        exponential = min(self.max_wait, self.initial_wait * 2.0 ** (attempt - 1))
         return exponential + random.uniform(0, self.initial_wait)  # noqa: S311 - not crypto
 
     def _worth_retrying(self, exc: BaseException) -> bool:

@@ -159,3 +159,18 @@ class TestStripeKey:
         with pytest.raises(ConfigError) as caught:
             stripe_api_key(config)
         assert "pk_live_publishable123" not in str(caught.value)
+
+
+class TestSecuritySection:
+    def test_authserv_id_defaults_to_gmail_and_can_be_changed(self, tmp_path: Path) -> None:
+        """[security] authserv_id is mx.google.com unless configured otherwise."""
+        assert load_config(write(tmp_path, MINIMAL)).security.authserv_id == "mx.google.com"
+        text = MINIMAL + '[security]\nauthserv_id = "mx.example.net"\n'
+        assert load_config(write(tmp_path, text)).security.authserv_id == "mx.example.net"
+
+    def test_authserv_id_must_be_a_host_name(self, tmp_path: Path) -> None:
+        """An empty or header-like authserv_id is refused, naming the key."""
+        text = MINIMAL + '[security]\nauthserv_id = "mx.google.com; dkim=pass"\n'
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, text))
+        assert caught.value.key == "security.authserv_id"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from billing_responder.customers import choose_customer, same_address
+from billing_responder.customers import choose_customer
 from billing_responder.model import Customer
 
 
@@ -41,9 +41,3 @@ class TestChooseCustomer:
     def test_no_records_means_no_customer(self) -> None:
         """An empty lookup result chooses nobody."""
         assert choose_customer([], "a@x.test") is None
-
-
-def test_same_address_ignores_case_and_surrounding_space() -> None:
-    """Address equality for lookup is case-insensitive and ignores stray whitespace."""
-    assert same_address(" Bob@Example.ORG", "bob@example.org")
-    assert not same_address("bob@example.org", "bob@example.org.evil.test")

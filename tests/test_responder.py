@@ -449,3 +449,28 @@ class TestRawHeaderValues:
         assert sandbox.cli("once").code == 0
         sent = sandbox.gmail.sent_messages()
         assert [s.message["Subject"] for s in sent] == ["Re: Factura / Invoice márzo"]
+
+
+class TestSenderAuthentication:
+    def test_unauthenticated_billing_mail_from_a_customer_gets_no_link(
+        self, sandbox: Sandbox
+    ) -> None:
+        """Mail whose trusted Authentication-Results does not pass is never answered with a link."""
+        sandbox.stripe.add_customer("ada@example.com", subscription_statuses=["active"])
+        raw = person_mail("ada@example.com", "Invoice", "?").replace(
+            b"dmarc=pass", b"dmarc=fail").replace(b"dkim=pass", b"dkim=fail").replace(
+            b"spf=pass", b"spf=softfail")
+        sandbox.gmail.deliver(raw)
+        result = sandbox.cli("once")
+        assert result.code == 0
+        assert sandbox.gmail.sent_messages() == []
+        assert sandbox.stripe.portal_sessions() == []
+        assert "not authenticated" in result.stdout
+
+    def test_configured_authserv_id_is_the_one_trusted(self, sandbox: Sandbox) -> None:
+        """With [security] authserv_id set to another server, Gmail's stamp no longer counts."""
+        sandbox.set_config('[security]\nauthserv_id = "mx.acme-relay.test"\n')
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once")
+        assert sandbox.gmail.sent_messages() == []
