@@ -474,3 +474,19 @@ class TestSenderAuthentication:
         sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
         sandbox.cli("once")
         assert sandbox.gmail.sent_messages() == []
+
+
+class TestPaging:
+    def test_every_candidate_beyond_the_first_page_is_handled(self, sandbox: Sandbox) -> None:
+        """With more candidates than one messages.list page holds (500), all are looked at."""
+        total = 503
+        for number in range(total):
+            sandbox.gmail.deliver(person_mail(
+                "ada@example.com", f"Automatic reply: Invoice {number}", "away",
+                extra_headers={"Auto-Submitted": "auto-replied"}))
+        result = sandbox.cli("once")
+        assert result.code == 0
+        assert f"{total} messages: {total} skipped" in result.stdout
+        listings = [r for r in sandbox.gmail.requests if r.path.endswith("/messages")]
+        assert len(listings) == 2
+        assert listings[1].param("pageToken")
