@@ -19,9 +19,14 @@ from typing import Any, TypeVar, cast
 import stripe
 from stripe.params.billing_portal import SessionCreateParams
 
-from billing_responder.errors import FatalServiceError, TransientServiceError
+from billing_responder.errors import (
+    FatalServiceError,
+    IdempotencyConflictError,
+    ServiceUnavailableError,
+    TransientServiceError,
+)
 from billing_responder.model import Customer, PortalSession
-from billing_responder.retry import RetryPolicy
+from billing_responder.retry import RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,12 +47,7 @@ def _is_retryable(exc: BaseException) -> bool:
 
 def _retry_after(exc: BaseException) -> float | None:
     if isinstance(exc, stripe.StripeError):
-        value = (exc.headers or {}).get("retry-after")
-        if value is not None:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
+        return parse_retry_after((exc.headers or {}).get("retry-after"))
     return None
 
 
@@ -92,7 +92,10 @@ class StripeBilling:
 
     def verify(self) -> None:
         """Make one cheap authenticated call, so a wrong key fails the start, not a reply."""
-        self._call(lambda: self._client.v1.customers.list(params={"limit": 1}))
+        try:
+            self._call(lambda: self._client.v1.customers.list(params={"limit": 1}))
+        except TransientServiceError as exc:
+            raise ServiceUnavailableError("Stripe", str(exc).removeprefix("Stripe: ")) from None
 
     def find_customers(self, email: str) -> list[Customer]:
         """Every customer whose email may equal ``email`` regardless of case.
@@ -111,11 +114,19 @@ class StripeBilling:
             )
             found.update((c.id, _customer(c)) for c in page.data)
         query = 'email:"{}"'.format(email.replace("\\", "\\\\").replace('"', '\\"'))
-        result = self._call(
-            lambda: self._client.v1.customers.search(
-                params={"query": query, "limit": 100, "expand": ["data.subscriptions"]}
+        try:
+            result = self._call(
+                lambda: self._client.v1.customers.search(
+                    params={"query": query, "limit": 100, "expand": ["data.subscriptions"]}
+                )
             )
-        )
+        except TransientServiceError as exc:
+            if not found:
+                raise
+            # Search only adds records stored with other capitalisation; what the exact lookup
+            # found is worth answering with rather than deferring the message.
+            log.warning("customer search failed, using the exact-match results: %s", exc)
+            return list(found.values())
         found.update((c.id, _customer(c)) for c in result.data)
         return list(found.values())
 
@@ -146,6 +157,8 @@ class StripeBilling:
                 f"the API key lacks a permission (see README: Stripe key): "
                 f"{exc.user_message or exc}",
             ) from None
+        except stripe.IdempotencyError as exc:
+            raise IdempotencyConflictError(str(exc.user_message or exc)) from None
         except stripe.StripeError as exc:
             status = exc.http_status or "no response"
             raise TransientServiceError(

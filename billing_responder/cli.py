@@ -120,7 +120,7 @@ def _once(config: Config, *, dry_run: bool) -> int:
 
     service = build_service(config, dry_run=dry_run)
     try:
-        report = service.cycle(on_outcome=print_dry_run_outcome if dry_run else log_outcome)
+        report = service.cycle(on_outcome=print_dry_run_outcome if dry_run else print_outcome)
     finally:
         service.close()
     print(("dry run: " if dry_run else "") + report.summary())
@@ -131,16 +131,22 @@ def _run(config: Config, *, dry_run: bool) -> int:
     from billing_responder.daemon import Daemon  # noqa: PLC0415
     from billing_responder.service import build_service  # noqa: PLC0415
 
-    service = build_service(config, dry_run=dry_run)
-    try:
-        daemon = Daemon(
-            service.cycle,
-            config.schedule.interval_seconds,
-            on_outcome=print_dry_run_outcome if dry_run else log_outcome,
-        )
-        daemon.run()
-    finally:
-        service.close()
+    # The daemon's stdout goes to the journal: only the dry-run review is printed; outcomes of a
+    # real run are logged (with addresses masked).
+    with Daemon(
+        config.schedule.interval_seconds,
+        on_outcome=print_dry_run_outcome if dry_run else log_outcome,
+    ) as daemon:
+        try:
+            service = build_service(config, dry_run=dry_run)
+        except BillingResponderError:
+            if daemon.stopping:
+                return EXIT_OK  # told to stop during start-up: a clean stop, not a failure
+            raise
+        try:
+            daemon.run(service.cycle)
+        finally:
+            service.close()
     return EXIT_OK
 
 
@@ -160,16 +166,30 @@ def _explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def print_outcome(outcome: Outcome) -> None:
+    """`once`'s per-message line on stdout: what happened and why, in one line."""
+    if outcome.status is Status.ALREADY_HANDLED:
+        return
+    print(_outcome_line(outcome))
+
+
 def log_outcome(outcome: Outcome) -> None:
-    """A real run's per-message line on stdout: what happened and why, in one line."""
+    """The daemon's per-message log line (addresses are masked by the log formatter)."""
+    if outcome.status is not Status.ALREADY_HANDLED:
+        log.info("%s", _outcome_line(outcome))
+
+
+def _outcome_line(outcome: Outcome) -> str:
     decision = outcome.decision
     detail = outcome.error or ("; ".join(decision.reasons) if decision else "")
     target = f" to {outcome.recipient}" if outcome.recipient else ""
-    print(f"{outcome.status.value:<15} {outcome.ref.id}{target}  {detail}".rstrip())
+    return f"{outcome.status.value:<15} {outcome.ref.id}{target}  {detail}".rstrip()
 
 
 def print_dry_run_outcome(outcome: Outcome) -> None:
     """The dry-run review: the full reply for what would be answered, reasons for the rest."""
+    if outcome.status is Status.ALREADY_HANDLED:
+        return
     decision = outcome.decision
     print(f"=== message {outcome.ref.id} (thread {outcome.ref.thread_id}): "
           f"{outcome.status.value.upper()}")

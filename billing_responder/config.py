@@ -13,6 +13,7 @@ Secrets are never read from this file: the Stripe key comes from ``STRIPE_API_KE
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -136,8 +137,9 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# A Gmail label name may nest with "/" but must not be empty or start/end with a separator.
-_LABEL_NAME = re.compile(r"^[^/\s](?:.*[^/\s])?$")
+# Label names go into Gmail search queries (-label:...), so they keep to characters the search
+# syntax leaves alone: letters, digits, "-", "_", "." and "/" for nesting, and single spaces.
+_LABEL_NAME = re.compile(r"^[\w.-]+(?:[ /][\w.-]+)*$")
 
 
 def resolve_config_path(cli_value: str | None) -> Path:
@@ -232,6 +234,8 @@ def _coerce(value: Any, hint: Any, dotted: str, shown: str, base: Path) -> Any: 
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(shown, dotted, f"must be a number, not {_toml_type(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(shown, dotted, "must be a finite number")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -284,7 +288,11 @@ def _validate(config: Config, shown: str) -> None:
         ("labels.needs_human", config.labels.needs_human),
     ):
         if not _LABEL_NAME.match(label):
-            raise ConfigError(shown, dotted, f"{label!r} is not a usable Gmail label name")
+            raise ConfigError(
+                shown,
+                dotted,
+                f"{label!r} is not a usable label name (letters, digits, - _ . and / to nest)",
+            )
     if config.labels.replied == config.labels.needs_human:
         raise ConfigError(shown, "labels.needs_human", "must differ from labels.replied")
     if config.schedule.interval_seconds < 1:

@@ -5,10 +5,12 @@
     ├── UsageError             bad command-line usage or input file; exit 2
     ├── FatalServiceError      a service refuses us, so no cycle can run (bad Stripe key); exit 1
     │   ├── GmailAuthError     the Gmail credentials are missing, expired or revoked; exit 1
+    │   ├── StateError         the state database cannot be opened or written; exit 1
     │   └── ServiceUnavailableError  a service is unreachable after retries: `once` exits 1,
     │                          the daemon logs it and tries again at the next interval
     └── TransientServiceError  one message could not be processed now (rate limit, 5xx, timeout);
-                               the message stays unanswered and unmarked for the next cycle
+        │                      the message stays unanswered and unmarked for the next cycle
+        └── IdempotencyConflictError  Stripe saw this idempotency key with other parameters
 
 The CLI is the only place that turns these into messages and exit codes; the library raises them
 with enough context to say what happened and what to do.
@@ -51,6 +53,13 @@ class GmailAuthError(FatalServiceError):
         super().__init__("Gmail", message)
 
 
+class StateError(FatalServiceError):
+    """The ledger cannot be opened or written (a locked database, a full disk, a bad path)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("state database", message)
+
+
 class ServiceUnavailableError(FatalServiceError):
     """A service did not answer usefully even after retries; a later cycle may do better."""
 
@@ -61,3 +70,10 @@ class TransientServiceError(BillingResponderError):
     def __init__(self, service: str, message: str) -> None:
         self.service = service
         super().__init__(f"{service}: {message}")
+
+
+class IdempotencyConflictError(TransientServiceError):
+    """An idempotency key was first used with other parameters (e.g. another customer record)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("Stripe", message)

@@ -6,7 +6,9 @@ and turns the client's errors into the project's error tree:
 
 - 401, a refused refresh token → :class:`GmailAuthError` (fatal: a person must re-authorise);
 - 429, 5xx, 403 rate limits, timeouts and connection errors → retried here (see ``retry.py``),
-  then :class:`TransientServiceError` (the message is left for the next cycle);
+  then :class:`TransientServiceError` (the message is left for the next cycle) — except
+  ``messages.send``, which is never repeated blindly: a send whose answer was lost may have
+  worked, so the next cycle looks for the reply before sending again;
 - anything else about one message (a 404 for a message deleted meanwhile, a 400) →
   :class:`TransientServiceError` as well, so nothing is marked handled that was not.
 """
@@ -14,6 +16,7 @@ and turns the client's errors into the project's error tree:
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -36,7 +39,7 @@ from billing_responder.errors import (
     TransientServiceError,
 )
 from billing_responder.model import IncomingMessage, MessageRef
-from billing_responder.retry import RetryPolicy
+from billing_responder.retry import RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ _RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 
 
 def load_credentials(config: GmailConfig) -> Credentials:
-    """Read the authorised-user token file; refresh it now if it is expired, and write it back."""
+    """Read the authorised-user token file (the client refreshes the access token when needed)."""
     path = config.token_file
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -95,6 +98,9 @@ class GmailMailbox:
         self._config = config
         self._credentials = credentials
         self._saved_token = credentials.token
+        # httplib2 silently re-sends a request (POSTs included) when reading its answer fails;
+        # a send must go out at most once per attempt, so every repeat is decided in retry.py.
+        httplib2.RETRIES = 1
         http = google_auth_httplib2.AuthorizedHttp(
             credentials, http=httplib2.Http(timeout=config.timeout_seconds)
         )
@@ -158,10 +164,19 @@ class GmailMailbox:
         self._service.close()
 
     def persist_refreshed_token(self) -> None:
-        """Write the token file back if the client refreshed the access token meanwhile."""
-        if self._credentials.token != self._saved_token:
+        """Write the token file back if the client refreshed the access token meanwhile.
+
+        Not fatal when it fails: the refresh token in the file still works, the next start just
+        refreshes once more.
+        """
+        if self._credentials.token == self._saved_token:
+            return
+        try:
             save_credentials(self._credentials, self._config.token_file)
-            self._saved_token = self._credentials.token
+        except OSError as exc:
+            log.warning("cannot write the refreshed token to %s: %s", self._config.token_file, exc)
+            return
+        self._saved_token = self._credentials.token
 
     # -- one message ------------------------------------------------------------------------------
 
@@ -184,11 +199,25 @@ class GmailMailbox:
         """Send a raw RFC 822 message in ``thread_id``; returns the sent message's Gmail id."""
         body = {"raw": base64.urlsafe_b64encode(raw).decode("ascii"), "threadId": thread_id}
         # Not a media upload: the client builds upload URLs with https even for an http endpoint.
-        sent = self._call(self._service.users().messages().send(userId=self._user, body=body))
+        request = self._service.users().messages().send(userId=self._user, body=body)
+        sent = self._call(request, retry=False)
         return str(sent["id"])
 
-    def find_rfc822_message(self, message_id: str) -> str | None:
-        """The Gmail id of the message whose Message-ID header is ``message_id``, if any."""
+    def find_sent_reply(self, thread_id: str, message_id: str) -> str | None:
+        """The Gmail id of our reply with Message-ID ``message_id``, if it exists.
+
+        The thread is read first (where a reply normally lands, and not subject to search
+        indexing lag); a ``rfc822msgid:`` search covers a reply Gmail filed in another thread.
+        """
+        thread = self._call(
+            self._service.users().threads().get(
+                userId=self._user, id=thread_id, format="metadata", metadataHeaders=["Message-ID"]
+            )
+        )
+        for message in thread.get("messages", []):
+            for header in message.get("payload", {}).get("headers", []):
+                if header["name"].lower() == "message-id" and header["value"] == message_id:
+                    return str(message["id"])
         query = f"rfc822msgid:{message_id.strip('<>')}"
         page = self._call(
             self._service.users().messages().list(
@@ -212,14 +241,15 @@ class GmailMailbox:
 
     # -- error mapping ----------------------------------------------------------------------------
 
-    def _call(self, request: Any, *, fatal: bool = False) -> Any:
+    def _call(self, request: Any, *, fatal: bool = False, retry: bool = True) -> Any:
         """Execute with the Gmail retry policy; map what is left to the project's errors.
 
         ``fatal`` marks mailbox-wide calls: if those still fail after retries, the cycle cannot
-        run at all, so the failure is fatal rather than one message's.
+        run at all, so the failure is fatal rather than one message's. ``retry=False`` is for
+        calls that must not be repeated blindly (a send).
         """
         try:
-            return GMAIL_RETRY.call(request.execute)
+            return GMAIL_RETRY.call(request.execute) if retry else request.execute()
         except RefreshError as exc:
             raise GmailAuthError(_refresh_problem(exc)) from None
         except HttpError as exc:
@@ -230,7 +260,7 @@ class GmailMailbox:
             if fatal:
                 raise ServiceUnavailableError("Gmail", f"HTTP {status}: {detail}") from None
             raise TransientServiceError("Gmail", f"HTTP {status}: {detail}") from None
-        except (OSError, httplib2.HttpLib2Error, TransportError) as exc:
+        except (OSError, http.client.HTTPException, httplib2.HttpLib2Error, TransportError) as exc:
             problem = f"unreachable ({type(exc).__name__}: {exc})"
             if fatal:
                 raise ServiceUnavailableError("Gmail", problem) from None
@@ -246,19 +276,17 @@ def is_retryable(exc: BaseException) -> bool:
         if status == 429 or status >= 500:
             return True
         return status == 403 and _http_error_reason(exc) in _RATE_LIMIT_REASONS
-    # socket timeouts are OSErrors (TimeoutError) too.
-    return isinstance(exc, OSError | httplib2.HttpLib2Error | TransportError)
+    # Socket timeouts are OSErrors (TimeoutError) too; a connection dropped mid-answer surfaces
+    # from httplib2 as http.client.HTTPException (IncompleteRead, RemoteDisconnected...).
+    return isinstance(
+        exc, OSError | http.client.HTTPException | httplib2.HttpLib2Error | TransportError
+    )
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:
     """The server's ``Retry-After`` in seconds, when it sent one."""
     if isinstance(exc, HttpError):
-        value = exc.resp.get("retry-after")
-        if value is not None:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
+        return parse_retry_after(exc.resp.get("retry-after"))
     return None
 
 

@@ -4,11 +4,16 @@ It is the only memory the responder has, so it is what makes "never process a me
 true across restarts. One row per Gmail message, moving through these states:
 
     (no row) ──decide skip/escalate──► done
-    (no row) ──decide reply──► sending ──Gmail accepted the reply──► sent ──thread labelled──► done
+    (no row) ──decide reply──► sending ──Gmail accepted the reply──► sent ──labelled──► done
 
-The reply's own ``Message-ID`` is chosen and written *before* the send (state ``sending``), so a
-crash between sending and recording leaves a row that says exactly what to look for in the thread
-instead of a guess. Portal URLs are credentials and are never stored: only the session id is.
+The reply's own ``Message-ID`` is chosen and written *before* the portal session is minted and
+the reply sent (state ``sending``), so a crash anywhere after that leaves a row that says exactly
+what to look for in the mailbox instead of a guess. Portal URLs are credentials and are never
+stored: only the session id is.
+
+A dry run opens the file read-only and must leave no trace: SQLite in WAL mode would create
+``-wal``/``-shm`` files beside it even for a reader, owned by whoever ran the dry run, so when no
+writer is active (no ``-wal`` file) the file is opened ``immutable``, which creates nothing.
 
 Schema changes are named migrations, each applied in a transaction together with its record in
 ``schema_migrations`` (the sqlite-utils way), so ``migrations()`` can list what is applied.
@@ -21,17 +26,13 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from billing_responder.errors import FatalServiceError
-from billing_responder.model import Decision
+from billing_responder.errors import StateError
+from billing_responder.model import DONE, SENDING, SENT, Decision, LedgerEntry
 
-# States of a row; see the module docstring.
-SENDING = "sending"
-SENT = "sent"
-DONE = "done"
+__all__ = ["DONE", "SENDING", "SENT", "LedgerEntry", "SqliteLedger"]
 
 _MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -61,27 +62,6 @@ _MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One message's row."""
-
-    gmail_id: str
-    thread_id: str
-    sender: str | None
-    subject: str
-    action: str
-    reasons: tuple[str, ...]
-    state: str
-    customer_id: str | None
-    portal_session_id: str | None
-    reply_message_id: str | None
-    sent_gmail_id: str | None
-    failures: int
-    last_error: str | None
-    created_at: str
-    updated_at: str
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -95,21 +75,25 @@ class SqliteLedger:
         self._clock = clock
         try:
             self._db = self._connect()
-            if not read_only:
+            if not read_only or self._in_memory:
                 self._migrate()
-        except sqlite3.Error as exc:
-            raise FatalServiceError("state database", f"{path}: {exc}") from None
+        except (sqlite3.Error, OSError) as exc:
+            raise StateError(f"{path}: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
+        self._in_memory = False
         if self.read_only:
             if not self.path.exists():
                 # A dry run before the first real run: nothing handled yet, and nothing to write.
-                db = sqlite3.connect(":memory:", check_same_thread=False)
-                self._apply_all(db)
-                return db
-            db = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
-            )
+                self._in_memory = True
+                db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            else:
+                writer_active = self.path.with_name(self.path.name + "-wal").exists()
+                mode = "ro" if writer_active else "ro&immutable=1"
+                db = sqlite3.connect(
+                    f"file:{self.path}?mode={mode}", uri=True, check_same_thread=False,
+                    isolation_level=None,
+                )
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.exists()
@@ -124,15 +108,6 @@ class SqliteLedger:
         return db
 
     # -- migrations -------------------------------------------------------------------------------
-
-    def _apply_all(self, db: sqlite3.Connection) -> None:
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
-        )
-        for name, sql in _MIGRATIONS:
-            db.executescript(sql)
-            db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, self._clock()))
 
     def _migrate(self) -> None:
         self._db.execute(
@@ -157,13 +132,17 @@ class SqliteLedger:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # A locked or full disk is no one message's fault: the run must stop, loudly.
+            raise StateError(f"{self.path}: {exc}") from None
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -171,11 +150,6 @@ class SqliteLedger:
         """The row of a message, or None if it was never decided."""
         row = self._db.execute("SELECT * FROM messages WHERE gmail_id = ?", (gmail_id,)).fetchone()
         return None if row is None else _entry(row)
-
-    def is_done(self, gmail_id: str) -> bool:
-        """Whether nothing is left to do for this message."""
-        entry = self.get(gmail_id)
-        return entry is not None and entry.state == DONE
 
     def entries(self, limit: int = 50) -> list[LedgerEntry]:
         """The most recently updated rows, newest first."""
@@ -192,10 +166,14 @@ class SqliteLedger:
         self._upsert(gmail_id, thread_id, decision, DONE, customer_id=customer_id)
 
     def record_intent(self, gmail_id: str, thread_id: str, decision: Decision, *,
-                      customer_id: str, portal_session_id: str, reply_message_id: str) -> None:
-        """Before sending: which reply (by its own Message-ID) is about to go out."""
+                      customer_id: str, reply_message_id: str) -> None:
+        """Before minting and sending: which reply (by its own Message-ID) is about to go out."""
         self._upsert(gmail_id, thread_id, decision, SENDING, customer_id=customer_id,
-                     portal_session_id=portal_session_id, reply_message_id=reply_message_id)
+                     portal_session_id=None, reply_message_id=reply_message_id)
+
+    def record_session(self, gmail_id: str, portal_session_id: str) -> None:
+        """The portal session minted for the intended reply (its id; never its URL)."""
+        self._update(gmail_id, portal_session_id=portal_session_id)
 
     def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
         """Gmail accepted the reply."""

@@ -1,14 +1,18 @@
 """Logging: stderr, one line per event, and email addresses masked.
 
-Portal URLs never reach a log call at all (the pipeline never passes one); addresses do, so they
-are masked at the call site with :func:`mask_address`: logs end up in the journal and in bug
-reports, where a customer's address does not belong.
+Portal URLs never reach a log call at all (the pipeline never passes one). Addresses do, in
+messages and in triage reasons, so the formatter masks every address-shaped string in the final
+line: logs end up in the journal and in bug reports, where a customer's address does not belong.
+The owner-facing outputs (the dry-run review, `once`'s report on stdout) show them in full.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+
+_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
 def mask_address(address: str) -> str:
@@ -22,7 +26,7 @@ def mask_address(address: str) -> str:
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr at ``level``; quiet the client libraries' own chatter."""
     handler = _OwnHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     # Replace only our own handler, so calling this twice (tests, the demo) never doubles lines
     # and handlers others installed (pytest's capture) stay.
@@ -37,3 +41,10 @@ def setup_logging(level: str = "INFO") -> None:
 
 class _OwnHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The stderr handler billing-responder installs."""
+
+
+class MaskingFormatter(logging.Formatter):
+    """A formatter that masks every email address in the formatted line (tracebacks included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ADDRESS.sub(lambda m: mask_address(m.group(0)), super().format(record))

@@ -34,8 +34,10 @@ from billing_responder.model import IncomingMessage
 #: How much of a raw file's header block :func:`message_from_bytes` reads; the rest is ignored.
 MAX_HEADER_BLOCK_BYTES = 1_048_576
 
-#: Longest subject we put on a reply, in characters, ``Re: `` included.
-MAX_SUBJECT_CHARS = 200
+#: Longest subject we put on a reply, in characters, ``Re: `` included. Gmail threads a reply
+#: only when its subject matches the original's, so any subject a person writes must survive
+#: whole; the cap only bounds a hostile one (the header is folded, so no line gets too long).
+MAX_SUBJECT_CHARS = 2000
 
 #: Longest value we hand to the standard library's address parser; longer ones are refused.
 MAX_ADDRESS_HEADER_CHARS = 2_000
@@ -476,6 +478,7 @@ def build_reply(
     text: str,
     html: str,
     message_id_domain: str,
+    message_id: str | None = None,
     now: datetime | None = None,
 ) -> tuple[EmailMessage, str]:
     """The reply to ``original``, threaded per RFC 5322, and its new Message-ID.
@@ -487,6 +490,9 @@ def build_reply(
     carries ``Auto-Submitted: auto-replied`` (RFC 3834) and ``X-Auto-Response-Suppress: All`` (so
     Exchange does not answer it with an out-of-office), and has text and HTML alternatives.
 
+    ``message_id`` is the reply's own Message-ID when the caller chose it up front (the ledger
+    records it before sending); by default a new one in ``message_id_domain`` is made.
+
     Raises ValueError when ``from_address``, ``to`` or ``message_id_domain`` is not a plain ASCII
     address or domain: those come from our configuration and the sender check, not from the mail.
     """
@@ -496,7 +502,7 @@ def build_reply(
         raise ValueError(f"not a usable From address: {from_address!r}")
     if recipient is None:
         raise ValueError(f"not a usable To address: {to!r}")
-    own_id = new_message_id(message_id_domain)
+    own_id = message_id or new_message_id(message_id_domain)
     parent_id = original_message_id(original)
     references = _references(original, parent_id)
 

@@ -99,3 +99,30 @@ class PortalSession:
 
     def __repr__(self) -> str:
         return f"PortalSession(id={self.id!r}, url=<redacted>)"
+
+
+# States of a message's ledger row; see ledger.py for the protocol.
+SENDING = "sending"  # a reply was decided; its own Message-ID is recorded; it may be out
+SENT = "sent"  # Gmail accepted the reply
+DONE = "done"  # nothing is left to do for this message
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger knows about one message."""
+
+    gmail_id: str
+    thread_id: str
+    sender: str | None
+    subject: str
+    action: str
+    reasons: tuple[str, ...]
+    state: str
+    customer_id: str | None
+    portal_session_id: str | None
+    reply_message_id: str | None
+    sent_gmail_id: str | None
+    failures: int
+    last_error: str | None
+    created_at: str
+    updated_at: str

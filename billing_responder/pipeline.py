@@ -13,6 +13,7 @@ unanswered and unmarked for the next cycle); a ``FatalServiceError`` stops the c
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,10 +21,23 @@ from dataclasses import dataclass, field, replace
 from billing_responder import mail, triage
 from billing_responder.config import Config
 from billing_responder.customers import choose_customer
-from billing_responder.errors import TransientServiceError
-from billing_responder.ledger import DONE, SENDING, SENT, LedgerEntry
+from billing_responder.errors import (
+    FatalServiceError,
+    IdempotencyConflictError,
+    TransientServiceError,
+)
 from billing_responder.logs import mask_address
-from billing_responder.model import Action, Decision, IncomingMessage, MessageRef
+from billing_responder.model import (
+    DONE,
+    SENDING,
+    SENT,
+    Action,
+    Decision,
+    IncomingMessage,
+    LedgerEntry,
+    MessageRef,
+    PortalSession,
+)
 from billing_responder.ports import Billing, Ledger, Mailbox
 from billing_responder.render import ReplyContext, ReplyRenderer
 
@@ -184,93 +198,123 @@ class Responder:
     # -- the way of one message -------------------------------------------------------------------
 
     def handle(self, ref: MessageRef) -> Outcome:
-        """Everything that happens to one message; transient failures defer it."""
+        """Everything that happens to one message; a failure defers it to the next cycle."""
         try:
-            entry = self.ledger.get(ref.id)
-            if entry is not None and entry.state == DONE:
-                return Outcome(ref, Status.ALREADY_HANDLED)
-            if entry is not None and entry.state in (SENDING, SENT) and not self.dry_run:
-                resumed = self._resume(ref, entry)
-                if resumed is not None:
-                    return resumed
-
-            message = self.mailbox.fetch(ref)
-            decision = triage.decide(message, self._triage_policy())
-            if decision.action is Action.SKIP:
-                return self._skip(ref, decision)
-            if decision.action is Action.ESCALATE or decision.sender is None:
-                return self._escalate(ref, decision)
-
-            sender = decision.sender
-            customer = choose_customer(self.billing.find_customers(sender), sender)
-            if customer is None:
-                reason = "no Stripe customer has this sender's address"
-                return self._escalate(ref, _with_reason(decision, Action.ESCALATE, reason))
-            decision = _with_reason(decision, Action.REPLY, f"Stripe customer {customer.id}")
-
-            if self.dry_run:
-                portal_url, session_id = DRY_RUN_PORTAL_URL, ""
-            else:
-                session = self.billing.create_portal_session(
-                    customer.id, idempotency_key=f"billing-responder-portal-{ref.id}"
-                )
-                portal_url, session_id = session.url, session.id
-
-            rendered = self.renderer.render(
-                ReplyContext(
-                    customer_name=customer.name or "",
-                    portal_url=portal_url,
-                    original_subject=decision.subject,
-                    signature=self.settings.signature,
-                )
-            )
-            reply, reply_id = mail.build_reply(
-                message,
-                from_address=self.address,
-                from_name=self.settings.from_name or None,
-                to=sender,
-                subject=decision.subject,
-                text=rendered.text,
-                html=rendered.html,
-                message_id_domain=mail.reply_message_id_domain(self.address),
-            )
-            if entry is not None and entry.reply_message_id:
-                # Same reply as the interrupted attempt: the Message-ID is how we find it later.
-                reply_id = entry.reply_message_id
-                reply.replace_header("Message-ID", reply_id)
-            if self.dry_run:
-                return Outcome(
-                    ref, Status.WOULD_REPLY, decision, customer.id, sender,
-                    str(reply["Subject"]), dry_run_text=rendered.text,
-                )
-
-            self.ledger.record_intent(
-                ref.id, ref.thread_id, decision, customer_id=customer.id,
-                portal_session_id=session_id, reply_message_id=reply_id,
-            )
-            sent_id = self.mailbox.send(bytes(reply), ref.thread_id)
-            self.ledger.record_sent(ref.id, sent_id)
-            self._label_replied(ref)
-            log.info(
-                "replied to %s (%s) in thread %s with a portal link for %s",
-                mask_address(sender), ref.id, ref.thread_id, customer.id,
-            )
-            return Outcome(
-                ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"])
-            )
+            return self._handle(ref)
         except TransientServiceError as exc:
             return self._defer(ref, str(exc))
+        except FatalServiceError:
+            raise
+        except Exception as exc:
+            # A bug met by one odd message must cost that message a cycle, not stop every cycle
+            # at the same message with all newer mail waiting behind it.
+            log.exception("message %s: unexpected error", ref.id)
+            return self._defer(ref, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _handle(self, ref: MessageRef) -> Outcome:
+        entry = self.ledger.get(ref.id)
+        if entry is not None and entry.state == DONE:
+            return Outcome(ref, Status.ALREADY_HANDLED)
+        if entry is not None and entry.state in (SENDING, SENT) and not self.dry_run:
+            resumed = self._resume(ref, entry)
+            if resumed is not None:
+                return resumed
+
+        message = self.mailbox.fetch(ref)
+        decision = triage.decide(message, self._triage_policy())
+        if decision.action is Action.SKIP:
+            return self._skip(ref, decision)
+        if decision.action is Action.ESCALATE or decision.sender is None:
+            return self._escalate(ref, decision)
+
+        sender = decision.sender
+        customer = choose_customer(self.billing.find_customers(sender), sender)
+        if customer is None:
+            reason = "no Stripe customer has this sender's address"
+            return self._escalate(ref, _with_reason(decision, Action.ESCALATE, reason))
+        decision = _with_reason(decision, Action.REPLY, f"Stripe customer {customer.id}")
+
+        # The reply's own Message-ID names this attempt in the ledger, in the idempotency key and
+        # in the mailbox; it is recorded before anything is minted or sent. An interrupted attempt
+        # that sent nothing is taken up again under its own id, so Stripe replays its session.
+        resumed_id = entry.reply_message_id if entry and entry.state == SENDING else None
+        reply_id = resumed_id or self._new_reply_id()
+        if self.dry_run:
+            portal_url = DRY_RUN_PORTAL_URL
+        else:
+            try:
+                session = self._mint(ref, decision, customer.id, reply_id)
+            except IdempotencyConflictError:
+                # The key was first used for another choice (say, a newer customer record):
+                # what the interrupted attempt minted is not what is needed now.
+                reply_id = self._new_reply_id()
+                session = self._mint(ref, decision, customer.id, reply_id)
+            portal_url = session.url
+
+        # The whole subject, not the shortened one the decision shows: Gmail threads a reply
+        # only when its subject matches the original's.
+        subject = mail.decode_header_value(message.get("Subject") or "")
+        rendered = self.renderer.render(
+            ReplyContext(
+                customer_name=customer.name or "",
+                portal_url=portal_url,
+                original_subject=subject,
+                signature=self.settings.signature,
+            )
+        )
+        reply, _ = mail.build_reply(
+            message,
+            from_address=self.address,
+            from_name=self.settings.from_name or None,
+            to=sender,
+            subject=subject,
+            text=rendered.text,
+            html=rendered.html,
+            message_id_domain=mail.reply_message_id_domain(self.address),
+            message_id=reply_id,
+        )
+        if self.dry_run:
+            return Outcome(
+                ref, Status.WOULD_REPLY, decision, customer.id, sender, str(reply["Subject"]),
+                dry_run_text=rendered.text,
+            )
+
+        sent_id = self.mailbox.send(bytes(reply), ref.thread_id)
+        self.ledger.record_sent(ref.id, sent_id)
+        self._label_replied(ref)
+        log.info(
+            "replied to %s (%s) in thread %s with a portal link for %s",
+            mask_address(sender), ref.id, ref.thread_id, customer.id,
+        )
+        return Outcome(ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"]))
+
+    def _new_reply_id(self) -> str:
+        return mail.new_message_id(mail.reply_message_id_domain(self.address))
+
+    def _mint(
+        self, ref: MessageRef, decision: Decision, customer_id: str, reply_id: str
+    ) -> PortalSession:
+        """Record the intent, then mint its portal session (once per attempt, whatever retries)."""
+        self.ledger.record_intent(
+            ref.id, ref.thread_id, decision, customer_id=customer_id, reply_message_id=reply_id
+        )
+        attempt = hashlib.sha256(reply_id.encode()).hexdigest()[:16]
+        session = self.billing.create_portal_session(
+            customer_id, idempotency_key=f"billing-responder-{ref.id}-{attempt}"
+        )
+        self.ledger.record_session(ref.id, session.id)
+        return session
 
     def _resume(self, ref: MessageRef, entry: LedgerEntry) -> Outcome | None:
-        """Finish a reply an earlier run began; None when it must be sent (again) from scratch."""
+        """Finish a reply an earlier attempt sent; None when none went out (the caller resumes)."""
         if entry.state == SENDING:
-            sent_id = self.mailbox.find_rfc822_message(entry.reply_message_id or "")
+            sent_id = self.mailbox.find_sent_reply(ref.thread_id, entry.reply_message_id or "")
             if sent_id is None:
-                log.info("message %s: the interrupted reply was never sent; sending it now", ref.id)
+                log.info("message %s: the interrupted attempt sent nothing; resuming it", ref.id)
                 return None
             self.ledger.record_sent(ref.id, sent_id)
         self._label_replied(ref)
-        log.info("message %s: finished the reply an earlier run had sent", ref.id)
+        log.info("message %s: finished the reply an earlier attempt had sent", ref.id)
         decision = Decision(Action.REPLY, entry.reasons, entry.sender, entry.subject)
         return Outcome(ref, Status.REPLIED, decision, entry.customer_id, entry.sender)
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from billing_responder.ledger import LedgerEntry
-from billing_responder.model import Customer, Decision, IncomingMessage, MessageRef, PortalSession
+from billing_responder.model import (
+    Customer,
+    Decision,
+    IncomingMessage,
+    LedgerEntry,
+    MessageRef,
+    PortalSession,
+)
 
 
 class Mailbox(Protocol):
@@ -34,10 +40,13 @@ class Mailbox(Protocol):
         """The message's headers and labels."""
 
     def send(self, raw: bytes, thread_id: str) -> str:
-        """Send a raw RFC 822 message into a thread; the sent message's Gmail id."""
+        """Send a raw RFC 822 message into a thread, at most once; the sent message's Gmail id.
 
-    def find_rfc822_message(self, message_id: str) -> str | None:
-        """The Gmail id of the message with this Message-ID header, if it exists."""
+        Not retried: on ``TransientServiceError`` the message may or may not have gone out.
+        """
+
+    def find_sent_reply(self, thread_id: str, message_id: str) -> str | None:
+        """The Gmail id of our reply with this Message-ID (looked for in the thread first)."""
 
     def modify(
         self, message_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
@@ -59,9 +68,10 @@ class Billing(Protocol):
 
 
 class Ledger(Protocol):
-    """The durable record of what happened to each message (see ``ledger.py``)."""
+    """The durable record of what happened to each message (see ``ledger.py``).
 
-    read_only: bool
+    Every method raises ``StateError`` (fatal) when the record cannot be read or written.
+    """
 
     def get(self, gmail_id: str) -> LedgerEntry | None:
         """The message's row, if it was ever decided."""
@@ -78,10 +88,12 @@ class Ledger(Protocol):
         decision: Decision,
         *,
         customer_id: str,
-        portal_session_id: str,
         reply_message_id: str,
     ) -> None:
-        """A reply about to be sent, named by its own Message-ID."""
+        """A reply about to be minted and sent, named by its own Message-ID."""
+
+    def record_session(self, gmail_id: str, portal_session_id: str) -> None:
+        """The portal session minted for the intended reply."""
 
     def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
         """Gmail accepted the reply."""

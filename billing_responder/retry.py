@@ -4,15 +4,21 @@ The adapters own the question "is this error worth retrying?" (they alone know t
 exceptions); this module owns "how": exponential back-off with jitter, honouring the server's
 ``Retry-After``, a bounded number of attempts, then the last error is raised for the adapter to
 map. A message whose call still fails is left for the next cycle, so attempts here stay few.
+
+Waiting is interruptible: once :func:`request_stop` is called (SIGTERM), no back-off sleeps on
+and no further attempt is made, so a daemon asked to stop does not spend its shutdown budget
+waiting out a Retry-After; the call's error goes up and the message waits for the next start.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -20,6 +26,45 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Make every pending and future back-off end now, without another attempt."""
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    """Whether :func:`request_stop` was called."""
+    return _stop.is_set()
+
+
+def clear_stop() -> None:
+    """Allow retries again (a new daemon in the same process, e.g. in tests)."""
+    _stop.clear()
+
+
+def _interruptible_sleep(seconds: float) -> None:
+    _stop.wait(seconds)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -35,8 +80,11 @@ class RetryPolicy:
     #: A longer Retry-After than this is not waited out inside a cycle: the message is deferred.
     max_retry_after: float = 60.0
 
-    def call(self, fn: Callable[[], T], *, sleep: Callable[[float], None] = time.sleep) -> T:
+    def call(
+        self, fn: Callable[[], T], *, sleep: Callable[[float], None] = _interruptible_sleep
+    ) -> T:
         """Run ``fn``, retrying per this policy; re-raise the last error when out of attempts."""
+
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             told = self.retry_after(exc) if exc is not None else None
@@ -74,7 +122,7 @@ class RetryPolicy:
         return exponential + random.uniform(0, self.initial_wait)  # noqa: S311 - not crypto
 
     def _worth_retrying(self, exc: BaseException) -> bool:
-        if not self.retryable(exc):
+        if _stop.is_set() or not self.retryable(exc):
             return False
         told = self.retry_after(exc)
         return told is None or told <= self.max_retry_after

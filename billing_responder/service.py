@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from billing_responder.billing import StripeBilling, key_mode
 from billing_responder.config import Config, stripe_api_key
+from billing_responder.errors import ConfigError, StateError
 from billing_responder.gmail import GmailMailbox, load_credentials
 from billing_responder.ledger import SqliteLedger
 from billing_responder.pipeline import CycleReport, Outcome, Responder, Settings
@@ -59,7 +60,12 @@ def build_service(config: Config, *, dry_run: bool) -> Service:
         locale=config.stripe.locale,
         timeout_seconds=config.stripe.timeout_seconds,
     )
-    ledger = SqliteLedger(config.state.database, read_only=dry_run)
+    try:
+        ledger = SqliteLedger(config.state.database, read_only=dry_run)
+    except StateError as exc:
+        mailbox.close()
+        billing.close()
+        raise ConfigError(str(config.path), "state.database", str(exc)) from None
     responder = Responder(
         mailbox, billing, ledger, renderer, Settings.from_config(config), dry_run=dry_run
     )

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from billing_responder.cli import main
+from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import person_mail
 from tests.conftest import CORPUS, Sandbox
 
@@ -158,6 +160,94 @@ class TestDemo:
         assert "Subject: Re: Where is my invoice for March?" in out
         assert re.search(r"Second cycle: 3 messages: 3 already handled", out)
         assert "Gmail received 4 replies; Stripe minted 4 portal sessions" in out
+
+
+def start_daemon(sandbox: Sandbox, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "STRIPE_API_KEY"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "billing_responder", "--config", str(sandbox.config_path),
+         "run", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop(process: subprocess.Popen[str]) -> tuple[int, float, str, str]:
+    """SIGTERM the process; its exit code, seconds taken, stdout and stderr."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, time.monotonic() - started, out, err
+
+
+class TestDaemonStops:
+    def test_sigterm_while_stripe_is_failing_slowly_exits_0_within_10_seconds(
+        self, sandbox: Sandbox
+    ) -> None:
+        """Back-off and retries do not hold up a stop: exit 0 fast, the message left for later."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.stripe.inject_fault(Fault(503, path="/v1/billing_portal/sessions", times=1000,
+                                          delay=0.5, headers={"Retry-After": "30"}))
+        process = start_daemon(sandbox)
+        assert wait_for(lambda: any(r.path == "/v1/billing_portal/sessions"
+                                    for r in sandbox.stripe.requests))
+        code, seconds, _, err = stop(process)
+        assert code == 0, err
+        assert seconds < 10
+        assert sandbox.gmail.sent_messages() == []
+        assert "billing-responder/replied" not in sandbox.gmail.message_label_names(message_id)
+
+    def test_sigterm_during_start_up_checks_exits_0(self, sandbox: Sandbox) -> None:
+        """A stop requested while the start-up checks are retrying is a clean stop, exit 0."""
+        sandbox.stripe.inject_fault(Fault(503, method="GET", path="^/v1/customers$", times=1000,
+                                          delay=0.2))
+        process = start_daemon(sandbox)
+        assert wait_for(lambda: any(r.path == "/v1/customers" for r in sandbox.stripe.requests))
+        code, seconds, _, err = stop(process)
+        assert code == 0, err
+        assert seconds < 10
+
+    def test_real_run_prints_nothing_on_stdout_and_masks_addresses_in_logs(
+        self, sandbox: Sandbox
+    ) -> None:
+        """Under `run`, outcomes go to the log with addresses masked; stdout stays empty."""
+        sandbox.stripe.add_customer("ada.lovelace@example.com")
+        sandbox.gmail.deliver(person_mail("ada.lovelace@example.com", "Invoice", "?"))
+        process = start_daemon(sandbox)
+        assert wait_for(sandbox.gmail.sent_messages)
+        code, _, out, err = stop(process)
+        assert code == 0
+        assert out == ""
+        assert "a***@example.com" in err
+        assert "ada.lovelace@example.com" not in err
+
+    def test_run_dry_run_writes_nothing_and_prints_the_review(self, sandbox: Sandbox) -> None:
+        """`run --dry-run` reviews on stdout and makes no write request to either emulator."""
+        sandbox.stripe.add_customer("ada@example.com", name="Ada")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        process = start_daemon(sandbox, "--dry-run")
+        assert wait_for(lambda: any(r.path == "/v1/customers/search"
+                                    for r in sandbox.stripe.requests))
+        time.sleep(0.5)
+        code, _, out, err = stop(process)
+        assert code == 0, err
+        assert "WOULD REPLY" in out and "Reply to: ada@example.com" in out
+        assert sandbox.gmail.writes() == [] and sandbox.stripe.writes() == []
+        assert not (sandbox.folder / "state.db").exists()
 
 
 class TestDaemon:

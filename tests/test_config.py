@@ -100,6 +100,10 @@ class TestErrorsNameFileAndKey:
              "schedule.interval_seconds", "at least 1"),
             ('[stripe]\nreturn_url = "https://x.test"\n[reply]\ntemplates_dir = "nope"\n',
              "reply.templates_dir", "not a folder"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[schedule]\ninterval_seconds = inf\n',
+             "schedule.interval_seconds", "finite"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[labels]\nreplied = "done (auto)"\n',
+             "labels.replied", "not a usable label name"),
         ],
     )
     def test_bad_value_names_file_key_and_problem(

@@ -99,6 +99,27 @@ class TestReplyToAKnownCustomer:
         assert len(creates) == 1
         assert message_id in creates[0].headers["idempotency-key"]
 
+    def test_crash_after_minting_replays_the_same_session_on_restart(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """A run that minted a session but never sent is resumed without minting a second one."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Billing", "?"))
+        # The first run dies at the send (nothing reaches Gmail), after minting.
+        sandbox.gmail.inject_fault(Fault(503, method="POST", path="/messages/send"))
+        sandbox.cli("once")
+        first_key = sandbox.stripe.portal_sessions()[0].idempotency_key
+
+        sandbox.cli("once")
+
+        sessions = sandbox.stripe.portal_sessions()
+        assert len(sessions) == 1
+        creates = [r for r in sandbox.stripe.requests if r.path == "/v1/billing_portal/sessions"]
+        assert [r.headers["idempotency-key"] for r in creates] == [first_key, first_key]
+        sent = sandbox.gmail.sent_messages()
+        assert len(sent) == 1 and sessions[0].url in text_of(sent[0].message)
+        assert REPLIED in sandbox.gmail.message_label_names(message_id)
+
     def test_second_once_sends_nothing_more(self, sandbox: Sandbox) -> None:
         """Running `once` again neither replies, labels nor mints anything new."""
         sandbox.stripe.add_customer("ada@example.com", subscription_statuses=["active"])
@@ -147,8 +168,11 @@ class TestReplyToAKnownCustomer:
 
 
 class TestCustomerLookup:
-    def test_sender_with_different_case_still_finds_the_customer(self, sandbox: Sandbox) -> None:
-        """Bob@Example.ORG finds the Stripe customer stored as bob@example.org."""
+    def test_sender_with_different_case_still_finds_the_customer(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Bob@Example.ORG finds bob@example.org even before Search has indexed the record."""
+        monkeypatch.setattr(sandbox.stripe, "search_delay_seconds", 60.0)
         customer = sandbox.stripe.add_customer("bob@example.org", name="Bob")
         sandbox.gmail.deliver(person_mail("Bob@Example.ORG", "Invoice question", "?"))
         assert sandbox.cli("once").code == 0
@@ -157,11 +181,34 @@ class TestCustomerLookup:
         assert sandbox.gmail.sent_messages()[0].message["To"] == "Bob@Example.ORG"
 
     def test_customer_stored_with_capitals_is_found_once_search_has_indexed_it(
-        self, sandbox: Sandbox
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """A record stored as Carol@Example.com (beyond the case-sensitive list filter) is found."""
-        customer = sandbox.stripe.add_customer("Carol@Example.com", created=int(time.time()) - 3600)
+        """A record stored as Carol@Example.com, beyond the case-sensitive list filter, is found by Search."""
+        monkeypatch.setattr(sandbox.stripe, "search_delay_seconds", 60.0)
+        customer = sandbox.stripe.add_customer("Carol@Example.com")
+        monkeypatch.setattr(sandbox.stripe, "clock", lambda: time.time() + 120)
         sandbox.gmail.deliver(person_mail("carol@example.com", "Billing", "?"))
+        assert sandbox.cli("once").code == 0
+        assert [s.customer for s in sandbox.stripe.portal_sessions()] == [customer]
+
+    def test_customer_not_yet_searchable_is_escalated_not_answered_wrongly(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Before Search indexes Carol@Example.com, carol@example.com gets needs-human, no link."""
+        monkeypatch.setattr(sandbox.stripe, "search_delay_seconds", 60.0)
+        sandbox.stripe.add_customer("Carol@Example.com")
+        _, thread_id = sandbox.gmail.deliver(person_mail("carol@example.com", "Billing", "?"))
+        assert sandbox.cli("once").code == 0
+        assert sandbox.stripe.portal_sessions() == []
+        assert NEEDS_HUMAN in sandbox.gmail.thread_label_names(thread_id)
+
+    def test_search_outage_still_answers_a_customer_the_exact_lookup_found(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """If customers.search keeps failing, a record the list lookup found is still answered."""
+        customer = sandbox.stripe.add_customer("ada@example.com")
+        sandbox.stripe.inject_fault(Fault(500, path="/v1/customers/search", times=20))
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
         assert sandbox.cli("once").code == 0
         assert [s.customer for s in sandbox.stripe.portal_sessions()] == [customer]
 
@@ -204,8 +251,11 @@ class TestCustomerLookup:
         assert "no Stripe customer" in result.stdout
         # Escalated once: the next cycle does not label or look it up again.
         sandbox.stripe.clear_requests()
+        sandbox.gmail.clear_requests()
         sandbox.cli("once")
-        assert not [r for r in sandbox.stripe.requests if r.path.startswith("/v1/customers?")]
+        assert not [r for r in sandbox.stripe.requests if r.path.startswith("/v1/customers/")]
+        assert not [r for r in sandbox.stripe.requests if r.param("email")]
+        assert sandbox.gmail.writes() == []
         assert message_id in {e.gmail_id for e in _ledger(sandbox).entries()}
 
 
@@ -318,19 +368,96 @@ class TestFailuresLoseNothing:
         assert sandbox.cli("once").code == 0
         assert len(sandbox.gmail.sent_messages()) == 1
 
-    def test_transient_gmail_error_is_retried_within_the_cycle(
+    def test_transient_gmail_error_on_a_read_is_retried_within_the_cycle(
         self, sandbox: Sandbox, fast_retries: None
     ) -> None:
-        """One 429 with Retry-After on send is retried, and exactly one reply goes out."""
+        """A 429 with Retry-After on messages.get is retried, and the reply goes out this cycle."""
         sandbox.stripe.add_customer("ada@example.com")
         sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
-        sandbox.gmail.inject_fault(Fault(429, method="POST", path="/messages/send",
+        sandbox.gmail.inject_fault(Fault(429, method="GET", path=r"/messages/[0-9a-f]+$",
                                          reason="rateLimitExceeded",
                                          headers={"Retry-After": "0"}))
         assert sandbox.cli("once").code == 0
         assert len(sandbox.gmail.sent_messages()) == 1
-        sends = [r for r in sandbox.gmail.requests if r.path.endswith("/messages/send")]
-        assert [r.status for r in sends] == [429, 200]
+        gets = [r for r in sandbox.gmail.requests if re.search(r"/messages/[0-9a-f]+$", r.path)]
+        assert [r.status for r in gets] == [429, 200]
+
+    def test_send_whose_answer_is_lost_is_not_sent_again(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """Gmail stores the reply but answers 503: no resend now, and the next cycle finds it."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.gmail.inject_fault(Fault(503, method="POST", path="/messages/send", after=True))
+
+        first = sandbox.cli("once")
+
+        assert first.code == 0 and "1 deferred" in first.stdout
+        assert len(sandbox.gmail.sent_messages()) == 1
+        assert REPLIED not in sandbox.gmail.message_label_names(message_id)
+        second = sandbox.cli("once")
+        assert second.code == 0 and "1 replied" in second.stdout
+        assert len(sandbox.gmail.sent_messages()) == 1
+        assert len(sandbox.stripe.portal_sessions()) == 1
+        assert REPLIED in sandbox.gmail.message_label_names(message_id)
+
+    def test_send_refused_then_answered_afresh_after_the_customer_changed(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """A failed attempt does not pin its idempotency key: a new attempt mints for the new choice."""
+        now = int(time.time())
+        sandbox.stripe.add_customer("ada@example.com", created=now - 900)
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.gmail.inject_fault(Fault(503, method="POST", path="/messages/send"))
+        assert "1 deferred" in sandbox.cli("once").stdout
+        live = sandbox.stripe.add_customer("ada@example.com", created=now - 60,
+                                           subscription_statuses=["active"])
+
+        second = sandbox.cli("once")
+
+        assert "1 replied" in second.stdout, second.stdout + second.stderr
+        sessions = sandbox.stripe.portal_sessions()
+        assert [s.customer for s in sessions][-1] == live
+        assert len({s.idempotency_key for s in sessions}) == len(sessions) == 2
+        sent = sandbox.gmail.sent_messages()
+        assert len(sent) == 1 and sessions[-1].url in text_of(sent[0].message)
+
+    def test_long_subject_reply_stays_in_the_thread(self, sandbox: Sandbox) -> None:
+        """A 400-character subject is repeated whole, so Gmail files the reply in the same thread."""
+        sandbox.stripe.add_customer("ada@example.com")
+        subject = "Invoice " + " ".join(f"item{n:03d}" for n in range(56))
+        assert len(subject) > 400
+        _, thread_id = sandbox.gmail.deliver(person_mail("ada@example.com", subject, "?"))
+        sandbox.cli("once")
+        sent = sandbox.gmail.sent_messages()
+        assert len(sent) == 1
+        assert sent[0].thread_id == thread_id
+        assert sent[0].message["Subject"] == "Re: " + subject
+
+    def test_a_bug_on_one_message_defers_it_and_the_cycle_goes_on(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An unexpected exception costs only that message a cycle; the next message is answered."""
+        from billing_responder import pipeline  # noqa: PLC0415
+
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.stripe.add_customer("bob@example.org")
+        bad, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.gmail.deliver(person_mail("bob@example.org", "Invoice", "?"))
+        real_decide = pipeline.triage.decide
+
+        def decide_with_a_bug(message, policy):  # type: ignore[no-untyped-def]
+            if message.id == bad:
+                raise KeyError("a bug")
+            return real_decide(message, policy)
+
+        monkeypatch.setattr(pipeline.triage, "decide", decide_with_a_bug)
+        result = sandbox.cli("once")
+        assert result.code == 0
+        assert "1 replied, 1 deferred" in result.stdout
+        assert [s.message["To"] for s in sandbox.gmail.sent_messages()] == ["bob@example.org"]
+        entry = _ledger(sandbox).get(bad)
+        assert entry is not None and entry.failures == 1 and "KeyError" in (entry.last_error or "")
 
     def test_interrupted_reply_found_in_the_mailbox_is_not_sent_again(
         self, sandbox: Sandbox
@@ -343,8 +470,7 @@ class TestFailuresLoseNothing:
         ledger = _ledger(sandbox)
         ledger.record_intent(message_id, thread_id,
                              Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
-                             customer_id="cus_x", portal_session_id="bps_x",
-                             reply_message_id=our_id)
+                             customer_id="cus_x", reply_message_id=our_id)
         ledger.close()
         # The reply the crashed run had sent:
         reply = EmailMessage()
@@ -359,10 +485,10 @@ class TestFailuresLoseNothing:
         assert sandbox.stripe.portal_sessions() == []
         assert REPLIED in sandbox.gmail.message_label_names(message_id)
 
-    def test_interrupted_reply_not_in_the_mailbox_is_sent_with_the_recorded_message_id(
+    def test_interrupted_reply_not_in_the_mailbox_is_sent_once_under_its_recorded_id(
         self, sandbox: Sandbox
     ) -> None:
-        """An intent whose send never happened is sent once, under the Message-ID it recorded."""
+        """An intent whose reply never reached Gmail is resumed: one reply, with the recorded Message-ID."""
         sandbox.stripe.add_customer("ada@example.com")
         message_id, thread_id = sandbox.gmail.deliver(
             person_mail("ada@example.com", "Invoice", "?"))
@@ -370,8 +496,7 @@ class TestFailuresLoseNothing:
         ledger = _ledger(sandbox)
         ledger.record_intent(message_id, thread_id,
                              Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
-                             customer_id="cus_x", portal_session_id="bps_x",
-                             reply_message_id=our_id)
+                             customer_id="cus_x", reply_message_id=our_id)
         ledger.close()
         assert sandbox.cli("once").code == 0
         sent = sandbox.gmail.sent_messages()

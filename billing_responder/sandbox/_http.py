@@ -72,6 +72,9 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     reason: str = ""  # API-specific error reason, e.g. "rateLimitExceeded" or "rate_limit"
     message: str = "Injected fault"
+    #: Carry the request out first, then answer the error: the "it worked but the answer was
+    #: lost" case (a 5xx or timeout after a send), which is what makes non-idempotent calls risky.
+    after: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this fault applies to a request."""
@@ -182,15 +185,15 @@ class EmulatorServer:
         if self.latency:
             time.sleep(self.latency)
         fault = self._take_fault(request.method, request.path)
-        if fault is not None:
-            if fault.delay:
-                time.sleep(fault.delay)
-            response = self.error(fault)
-        else:
+        if fault is None or fault.after:
             try:
                 response = self.route(request)
             except Exception as exc:  # an emulator bug must show as a 500, not a hung client
                 response = Response.json(500, {"error": {"message": f"emulator error: {exc!r}"}})
+        if fault is not None:
+            if fault.delay:
+                time.sleep(fault.delay)
+            response = self.error(fault)
         with self._lock:
             self._requests.append(
                 RecordedRequest(
