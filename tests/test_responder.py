@@ -463,15 +463,8 @@ class TestFailuresLoseNothing:
         self, sandbox: Sandbox
     ) -> None:
         """An intent whose reply did reach Gmail (crash before recording) is finished, not resent."""
-        sandbox.stripe.add_customer("ada@example.com")
-        message_id, thread_id = sandbox.gmail.deliver(
-            person_mail("ada@example.com", "Invoice", "?"))
         our_id = "<crashed-reply-1@acme-saas.test>"
-        ledger = _ledger(sandbox)
-        ledger.record_intent(message_id, thread_id,
-                             Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
-                             customer_id="cus_x", reply_message_id=our_id)
-        ledger.close()
+        message_id = _interrupted_attempt(sandbox, our_id)
         # The reply the crashed run had sent:
         reply = EmailMessage()
         reply["From"], reply["To"], reply["Subject"] = MAILBOX, "ada@example.com", "Re: Invoice"
@@ -489,15 +482,8 @@ class TestFailuresLoseNothing:
         self, sandbox: Sandbox
     ) -> None:
         """An intent whose reply never reached Gmail is resumed: one reply, with the recorded Message-ID."""
-        sandbox.stripe.add_customer("ada@example.com")
-        message_id, thread_id = sandbox.gmail.deliver(
-            person_mail("ada@example.com", "Invoice", "?"))
         our_id = "<never-sent-1@acme-saas.test>"
-        ledger = _ledger(sandbox)
-        ledger.record_intent(message_id, thread_id,
-                             Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
-                             customer_id="cus_x", reply_message_id=our_id)
-        ledger.close()
+        _interrupted_attempt(sandbox, our_id)
         assert sandbox.cli("once").code == 0
         sent = sandbox.gmail.sent_messages()
         assert [s.message["Message-ID"] for s in sent] == [our_id]
@@ -561,6 +547,18 @@ class TestSecrets:
 
 def _ledger(sandbox: Sandbox) -> SqliteLedger:
     return SqliteLedger(sandbox.folder / "state.db")
+
+
+def _interrupted_attempt(sandbox: Sandbox, reply_message_id: str) -> str:
+    """A customer's billing email whose reply a crashed run had recorded as about to be sent."""
+    sandbox.stripe.add_customer("ada@example.com")
+    message_id, thread_id = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+    ledger = _ledger(sandbox)
+    ledger.record_intent(message_id, thread_id,
+                         Decision(Action.REPLY, ("x",), "ada@example.com", "Invoice"),
+                         customer_id="cus_x", reply_message_id=reply_message_id)
+    ledger.close()
+    return message_id
 
 
 class TestRawHeaderValues:
