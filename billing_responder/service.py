@@ -50,7 +50,6 @@ def build_service(config: Config, *, dry_run: bool) -> Service:
     """Build the responder from ``config`` and check both services once."""
     api_key = stripe_api_key(config)
     renderer = ReplyRenderer(config.reply.templates_dir, config_path=str(config.path))
-    renderer.check()
     mailbox = GmailMailbox(config.gmail, load_credentials(config.gmail))
     billing = StripeBilling(
         api_key,
