@@ -102,6 +102,19 @@ class RetryPolicy:
                 state.upcoming_sleep,
             )
 
+        failed: list[BaseException] = []
+
+        def attempt() -> T:
+            # Tenacity decides to retry before it sleeps; a stop that ends the sleep early must
+            # also cancel the attempt that would follow it.
+            if failed and _stop.is_set():
+                raise failed[-1]
+            try:
+                return fn()
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts),
             wait=wait,
@@ -110,7 +123,7 @@ class RetryPolicy:
             sleep=sleep,
             before_sleep=before_sleep,
         )
-        return retrying(fn)
+        return retrying(attempt)
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based), jitter included.

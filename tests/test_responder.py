@@ -7,12 +7,14 @@ import base64
 import re
 import sqlite3
 import time
+from dataclasses import replace
 from email.message import EmailMessage
 
 import pytest
 
+from billing_responder import billing
 from billing_responder.ledger import SqliteLedger
-from billing_responder.model import Action, Decision
+from billing_responder.model import DONE, Action, Decision
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import MAILBOX, person_mail
 from tests.conftest import Sandbox
@@ -613,3 +615,149 @@ class TestPaging:
         listings = [r for r in sandbox.gmail.requests if r.path.endswith("/messages")]
         assert len(listings) == 2
         assert listings[1].param("pageToken")
+
+
+class TestWhatTheLedgerAndMailboxShow:
+    def test_skipped_message_is_recorded_and_not_fetched_again(self, sandbox: Sandbox) -> None:
+        """A skip is final: the ledger holds it as done, and the next cycle does not even fetch it."""
+        message_id, _ = sandbox.gmail.deliver(person_mail(
+            "ada@example.com", "Automatic reply: Your invoice", "Away",
+            extra_headers={"Auto-Submitted": "auto-replied"}))
+        sandbox.cli("once")
+        entry = _ledger(sandbox).get(message_id)
+        assert entry is not None and entry.state == DONE and entry.action == "skip"
+        assert any("Auto-Submitted" in r for r in entry.reasons)
+        sandbox.gmail.clear_requests()
+        assert "1 message" in sandbox.cli("once").stdout
+        assert not [r for r in sandbox.gmail.requests if r.path.endswith(f"/messages/{message_id}")]
+
+    def test_ledger_records_the_sent_reply_and_its_session(self, sandbox: Sandbox) -> None:
+        """After a reply, the row is done and names the reply's Gmail id, Message-ID and session."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once")
+        sent = sandbox.gmail.sent_messages()
+        entry = _ledger(sandbox).get(message_id)
+        assert entry is not None and entry.state == DONE
+        assert entry.sent_gmail_id == sent[0].id
+        assert entry.reply_message_id == sent[0].message["Message-ID"]
+        assert entry.portal_session_id == sandbox.stripe.portal_sessions()[0].id
+
+    def test_older_message_is_answered_first(self, sandbox: Sandbox) -> None:
+        """Gmail lists newest first; the responder answers the oldest waiting message first."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.stripe.add_customer("bob@example.org")
+        now_ms = int(time.time() * 1000)
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"),
+                              internal_date_ms=now_ms - 60_000)
+        sandbox.gmail.deliver(person_mail("bob@example.org", "Invoice", "?"),
+                              internal_date_ms=now_ms)
+        sandbox.cli("once")
+        sends = [r for r in sandbox.gmail.requests if r.path.endswith("/messages/send")]
+        assert len(sends) == 2
+        assert [s.message["To"] for s in sandbox.gmail.sent_messages()] == [
+            "ada@example.com", "bob@example.org"]
+
+    def test_messages_are_fetched_without_their_bodies(self, sandbox: Sandbox) -> None:
+        """Every messages.get asks for format=metadata: no body is ever downloaded."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "secret body"))
+        sandbox.cli("once")
+        gets = [r for r in sandbox.gmail.requests
+                if r.method == "GET" and re.search(r"/messages/[0-9a-f]+$", r.path)]
+        assert gets
+        assert {r.param("format") for r in gets} == {"metadata"}
+
+    def test_candidate_search_excludes_both_handled_labels(self, sandbox: Sandbox) -> None:
+        """messages.list is asked for unread inbox mail without the replied and needs-human labels."""
+        sandbox.cli("once")
+        listing = next(r for r in sandbox.gmail.requests if r.path.endswith("/messages"))
+        query = listing.param("q") or ""
+        assert "is:unread" in query and "in:inbox" in query
+        assert "subject:(invoice OR billing)" in query
+        assert "-label:billing-responder-replied" in query
+        assert "-label:billing-responder-needs-human" in query
+
+    def test_answered_message_stays_unread_by_default(self, sandbox: Sandbox) -> None:
+        """Without [reply] mark_read, the answered message is labelled but keeps UNREAD."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.cli("once")
+        labels = sandbox.gmail.message_label_names(message_id)
+        assert REPLIED in labels and "UNREAD" in labels
+
+
+class TestMoreFailures:
+    def test_portal_permission_missing_stops_once_with_exit_1(self, sandbox: Sandbox) -> None:
+        """A key that can read customers but not mint portal sessions exits 1; nothing is marked."""
+        sandbox.stripe.add_customer("ada@example.com")
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.stripe.inject_fault(Fault(403, path="/v1/billing_portal/sessions", times=10))
+        result = sandbox.cli("once")
+        assert result.code == 1
+        assert "lacks a permission" in result.stderr
+        assert sandbox.gmail.sent_messages() == []
+        assert REPLIED not in sandbox.gmail.message_label_names(message_id)
+        entry = _ledger(sandbox).get(message_id)
+        assert entry is None or (entry.state != DONE and entry.failures == 0)
+
+    def test_dry_run_with_a_failing_fetch_leaves_the_ledger_untouched(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """A message deferred during a dry run is reported, not recorded: the ledger file is unchanged."""
+        sandbox.gmail.deliver(person_mail("bot@example.com", "Invoice", "?",
+                                          extra_headers={"Auto-Submitted": "auto-generated"}))
+        assert sandbox.cli("once").code == 0  # a real run: the ledger file now exists
+        files_before = sorted(p.name for p in sandbox.folder.iterdir())
+        message_id, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        before = (sandbox.folder / "state.db").read_bytes()
+        sandbox.gmail.inject_fault(Fault(503, method="GET", path=f"/messages/{message_id}$",
+                                         times=100))
+        result = sandbox.cli("once", "--dry-run")
+        assert result.code == 0, result.stderr
+        assert "DEFERRED" in result.stdout
+        assert (sandbox.folder / "state.db").read_bytes() == before
+        assert sorted(p.name for p in sandbox.folder.iterdir()) == files_before
+        assert _ledger(sandbox).get(message_id) is None
+
+    def test_message_deleted_before_fetch_is_deferred_and_others_answered(
+        self, sandbox: Sandbox
+    ) -> None:
+        """A 404 on messages.get defers only that message; the cycle goes on and exits 0."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.stripe.add_customer("bob@example.org")
+        gone, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.gmail.deliver(person_mail("bob@example.org", "Invoice", "?"))
+        sandbox.gmail.inject_fault(Fault(404, method="GET", path=f"/messages/{gone}$", times=10))
+        result = sandbox.cli("once")
+        assert result.code == 0, result.stderr
+        assert "1 replied, 1 deferred" in result.stdout
+        assert [s.message["To"] for s in sandbox.gmail.sent_messages()] == ["bob@example.org"]
+
+    def test_retry_after_beyond_the_cap_defers_without_retrying(
+        self, sandbox: Sandbox, fast_retries: None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A 429 asking for longer than max_retry_after is not retried in the cycle: the message waits."""
+        monkeypatch.setattr(billing, "STRIPE_RETRY",
+                            replace(billing.STRIPE_RETRY, max_retry_after=0.01))
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.stripe.inject_fault(Fault(429, path="/v1/billing_portal/sessions", times=10,
+                                          reason="rate_limit", headers={"Retry-After": "1"}))
+        result = sandbox.cli("once")
+        assert "1 deferred" in result.stdout
+        assert len([r for r in sandbox.stripe.requests
+                    if r.path == "/v1/billing_portal/sessions"]) == 1
+
+    def test_live_subscription_wins_before_search_has_indexed_the_records(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With Search lagging, the exact lookup alone still sees subscriptions and picks the live record."""
+        monkeypatch.setattr(sandbox.stripe, "search_delay_seconds", 60.0)
+        now = int(time.time())
+        live = sandbox.stripe.add_customer("grace@example.net", created=now - 900,
+                                           subscription_statuses=["active"])
+        sandbox.stripe.add_customer("grace@example.net", created=now - 60)
+        sandbox.gmail.deliver(person_mail("grace@example.net", "Invoice", "?"))
+        assert sandbox.cli("once").code == 0
+        assert [s.customer for s in sandbox.stripe.portal_sessions()] == [live]
