@@ -10,7 +10,7 @@ from billing_responder import retry
 from billing_responder.retry import RetryPolicy, parse_retry_after
 
 
-class Flaky(Exception):
+class FlakyError(Exception):
     """A retryable failure carrying the server's Retry-After."""
 
     def __init__(self, retry_after: float | None = None) -> None:
@@ -21,8 +21,8 @@ class Flaky(Exception):
 def policy(**overrides: float) -> RetryPolicy:
     return RetryPolicy(
         "Test",
-        retryable=lambda exc: isinstance(exc, Flaky),
-        retry_after=lambda exc: exc.retry_after if isinstance(exc, Flaky) else None,
+        retryable=lambda exc: isinstance(exc, FlakyError),
+        retry_after=lambda exc: exc.retry_after if isinstance(exc, FlakyError) else None,
         **overrides,  # type: ignore[arg-type]
     )
 
@@ -42,7 +42,7 @@ class TestRetryPolicy:
         def call() -> str:
             calls.append(1)
             if len(calls) < 3:
-                raise Flaky()
+                raise FlakyError()
             return "ok"
 
         assert policy().call(call, sleep=lambda s: None) == "ok"
@@ -54,9 +54,9 @@ class TestRetryPolicy:
 
         def call() -> None:
             calls.append(1)
-            raise Flaky()
+            raise FlakyError()
 
-        with pytest.raises(Flaky):
+        with pytest.raises(FlakyError):
             policy(attempts=3).call(call, sleep=lambda s: None)
         assert len(calls) == 3
 
@@ -75,7 +75,7 @@ class TestRetryPolicy:
     def test_retry_after_is_honoured_as_a_minimum_wait(self) -> None:
         """The wait before the next attempt is at least the server's Retry-After."""
         waits: list[float] = []
-        outcomes = iter([Flaky(retry_after=7.0), None])
+        outcomes = iter([FlakyError(retry_after=7.0), None])
 
         def call() -> str:
             error = next(outcomes)
@@ -92,9 +92,9 @@ class TestRetryPolicy:
 
         def call() -> None:
             calls.append(1)
-            raise Flaky(retry_after=3600)
+            raise FlakyError(retry_after=3600)
 
-        with pytest.raises(Flaky):
+        with pytest.raises(FlakyError):
             policy(max_retry_after=60).call(call, sleep=lambda s: None)
         assert calls == [1]
 
@@ -111,11 +111,11 @@ class TestRetryPolicy:
 
         def call() -> None:
             calls.append(1)
-            raise Flaky(retry_after=30)
+            raise FlakyError(retry_after=30)
 
         timer = threading.Timer(0.2, retry.request_stop)
         timer.start()
-        with pytest.raises(Flaky):
+        with pytest.raises(FlakyError):
             policy().call(call)
         timer.join()
         assert calls == [1]
