@@ -27,7 +27,6 @@ from billing_responder.config import (
 from billing_responder.errors import (
     BillingResponderError,
     ConfigError,
-    FatalServiceError,
     UsageError,
 )
 from billing_responder.logs import setup_logging
@@ -104,10 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"billing-responder: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except FatalServiceError as exc:
-        print(f"billing-responder: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    except BillingResponderError as exc:
+    except BillingResponderError as exc:  # FatalServiceError and everything else we raise
         print(f"billing-responder: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
