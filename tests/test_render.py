@@ -19,6 +19,17 @@ CONTEXT = ReplyContext(
 )
 
 
+def use_templates(sandbox: Sandbox, text: str, html: str) -> None:
+    """Point the sandbox config's [reply] templates_dir at a folder with these two templates."""
+    folder = sandbox.folder / "mytemplates"
+    folder.mkdir()
+    (folder / "reply.txt.j2").write_text(text)
+    (folder / "reply.html.j2").write_text(html)
+    config = sandbox.config_path.read_text()
+    sandbox.config_path.write_text(
+        config.replace("[reply]\n", '[reply]\ntemplates_dir = "mytemplates"\n'))
+
+
 class TestDefaults:
     def test_default_templates_render_every_variable(self) -> None:
         """Both shipped templates use the link, the name, the subject and the signature."""
@@ -53,13 +64,8 @@ class TestOperatorTemplates:
 
     def test_operator_folder_is_used_for_real_replies(self, sandbox: Sandbox) -> None:
         """With [reply] templates_dir, the reply Gmail receives is rendered from those files."""
-        folder = sandbox.folder / "mytemplates"
-        folder.mkdir()
-        (folder / "reply.txt.j2").write_text("Custom hello {{ customer_name }}: {{ portal_url }}\n")
-        (folder / "reply.html.j2").write_text("<p>Custom {{ customer_name }}</p>\n")
-        text = sandbox.config_path.read_text().replace(
-            "[reply]\n", '[reply]\ntemplates_dir = "mytemplates"\n')
-        sandbox.config_path.write_text(text)
+        use_templates(sandbox, "Custom hello {{ customer_name }}: {{ portal_url }}\n",
+                      "<p>Custom {{ customer_name }}</p>\n")
         sandbox.stripe.add_customer("ada@example.com", name="Ada")
         sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
         assert sandbox.cli("once").code == 0
@@ -72,13 +78,7 @@ class TestOperatorTemplates:
         self, sandbox: Sandbox
     ) -> None:
         """A template syntax error is found at start: exit 2 naming the key, nothing sent."""
-        folder = sandbox.folder / "broken"
-        folder.mkdir()
-        (folder / "reply.txt.j2").write_text("Hi {% if %}\n")
-        (folder / "reply.html.j2").write_text("<p>Hi</p>\n")
-        text = sandbox.config_path.read_text().replace(
-            "[reply]\n", '[reply]\ntemplates_dir = "broken"\n')
-        sandbox.config_path.write_text(text)
+        use_templates(sandbox, "Hi {% if %}\n", "<p>Hi</p>\n")
         sandbox.stripe.add_customer("ada@example.com")
         sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
         result = sandbox.cli("once")
