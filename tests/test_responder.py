@@ -761,3 +761,23 @@ class TestMoreFailures:
         sandbox.gmail.deliver(person_mail("grace@example.net", "Invoice", "?"))
         assert sandbox.cli("once").code == 0
         assert [s.customer for s in sandbox.stripe.portal_sessions()] == [live]
+
+
+class TestPortalSessionParameters:
+    def test_configured_portal_configuration_and_locale_are_sent(self, sandbox: Sandbox) -> None:
+        """[stripe] portal_configuration and locale reach billing_portal.sessions.create."""
+        configuration = sandbox.stripe.default_configuration_id
+        text = sandbox.config_path.read_text().replace(
+            'return_url = "https://acme-saas.test/account"\n',
+            'return_url = "https://acme-saas.test/account"\n'
+            f'portal_configuration = "{configuration}"\nlocale = "de"\n')
+        sandbox.config_path.write_text(text)
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        assert sandbox.cli("once").code == 0
+        [create] = [r for r in sandbox.stripe.requests if r.path == "/v1/billing_portal/sessions"]
+        form = create.form()
+        assert form["configuration"] == [configuration] and form["locale"] == ["de"]
+        assert form["return_url"] == ["https://acme-saas.test/account"]
+        [session] = sandbox.stripe.portal_sessions()
+        assert (session.configuration, session.locale) == (configuration, "de")
