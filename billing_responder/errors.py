@@ -8,9 +8,12 @@
     │   ├── StateError         the state database cannot be opened or written; exit 1
     │   └── ServiceUnavailableError  a service is unreachable after retries: `once` exits 1,
     │                          the daemon logs it and tries again at the next interval
-    └── TransientServiceError  one message could not be processed now (rate limit, 5xx, timeout);
-        │                      the message stays unanswered and unmarked for the next cycle
-        └── IdempotencyConflictError  Stripe saw this idempotency key with other parameters
+    ├── TransientServiceError  one message could not be processed now (rate limit, 5xx, timeout);
+    │   │                      the message stays unanswered and unmarked for the next cycle
+    │   ├── IdempotencyConflictError  Stripe saw this idempotency key with other parameters
+    │   └── MessageGoneError   Gmail has no message with this id (404): deleted meanwhile
+    └── HistoryExpiredError    Gmail no longer keeps history from the stored history id (404);
+                               the responder falls back to a full search sync, nothing is lost
 
 The CLI is the only place that turns these into messages and exit codes; the library raises them
 with enough context to say what happened and what to do.
@@ -77,3 +80,22 @@ class IdempotencyConflictError(TransientServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__("Stripe", message)
+
+
+class MessageGoneError(TransientServiceError):
+    """Gmail answered 404 for a message: it was deleted (or never existed) meanwhile."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("Gmail", message)
+
+
+class HistoryExpiredError(BillingResponderError):
+    """Gmail answered 404 for a ``startHistoryId``: its history no longer reaches back that far.
+
+    Gmail keeps history for about a week (sometimes only hours); the caller must list the
+    mailbox afresh instead.
+    """
+
+    def __init__(self, history_id: int) -> None:
+        self.history_id = history_id
+        super().__init__(f"Gmail: history from id {history_id} has expired (404)")

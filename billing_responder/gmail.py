@@ -10,7 +10,9 @@ and turns the client's errors into the project's error tree:
   ``messages.send``, which is never repeated blindly: a send whose answer was lost may have
   worked, so the next cycle looks for the reply before sending again;
 - anything else about one message (a 404 for a message deleted meanwhile, a 400) →
-  :class:`TransientServiceError` as well, so nothing is marked handled that was not.
+  :class:`TransientServiceError` as well, so nothing is marked handled that was not (a 404 on
+  messages.get is its subclass :class:`MessageGoneError`, so a caller may tell "gone" apart);
+- a 404 on users.history.list → :class:`HistoryExpiredError`: the start id is too old.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,14 @@ from googleapiclient.errors import HttpError
 
 from billing_responder.config import GmailConfig
 from billing_responder.errors import (
+    BillingResponderError,
     GmailAuthError,
+    HistoryExpiredError,
+    MessageGoneError,
     ServiceUnavailableError,
     TransientServiceError,
 )
-from billing_responder.model import IncomingMessage, MessageRef
+from billing_responder.model import IncomingMessage, MailboxChange, MessageRef
 from billing_responder.retry import RetryPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,11 @@ SCOPES = ("https://www.googleapis.com/auth/gmail.modify",)
 #: 500 is the most messages.list returns in one page; fewer pages means fewer 5-unit calls.
 _PAGE_SIZE = 500
 _RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+#: What can make a message a candidate again: arriving, and gaining or losing a label (UNREAD or
+#: INBOX back, SPAM/TRASH or our own label taken away). Deletions need no record: a deleted
+#: message is no candidate, and its last label record is answered 404 on fetch.
+_HISTORY_TYPES = ("messageAdded", "labelAdded", "labelRemoved")
+_HISTORY_KINDS = ("messagesAdded", "labelsAdded", "labelsRemoved")
 
 
 def load_credentials(config: GmailConfig) -> Credentials:
@@ -159,6 +169,46 @@ class GmailMailbox:
             if not token:
                 return
 
+    def history_id(self) -> int:
+        """The mailbox's current history id (users.getProfile, 1 quota unit)."""
+        profile = self._call(self._service.users().getProfile(userId=self._user), fatal=True)
+        return int(profile["historyId"])
+
+    def changes_since(self, history_id: int) -> tuple[list[MailboxChange], int]:
+        """Messages added or relabelled after ``history_id``, oldest change first, each once with
+        its labels after its latest change; and the history id to start from next time.
+
+        users.history.list, 2 quota units a page. The id to continue from is the one Gmail
+        reported on the first page: anything newer is either in this listing too (and seen again
+        next time, harmlessly) or not yet, and then in the next window.
+        """
+        names = {label_id: name for name, label_id in self._label_ids.items()}
+        changes: dict[str, MailboxChange] = {}
+        token: str | None = None
+        next_id: int | None = None
+        while True:
+            request = self._service.users().history().list(
+                userId=self._user,
+                startHistoryId=str(history_id),
+                historyTypes=list(_HISTORY_TYPES),
+                maxResults=_PAGE_SIZE,
+                pageToken=token,
+            )
+            page = self._call(
+                request, fatal=True, not_found=lambda: HistoryExpiredError(history_id)
+            )
+            if next_id is None:
+                next_id = int(page["historyId"])
+            for record in page.get("history", []):
+                for kind in _HISTORY_KINDS:
+                    for item in record.get(kind, []):
+                        change = _change(item["message"], names)
+                        changes.pop(change.ref.id, None)  # keep each message at its latest place
+                        changes[change.ref.id] = change
+            token = page.get("nextPageToken")
+            if not token:
+                return list(changes.values()), next_id
+
     def close(self) -> None:
         """Close the HTTP connections."""
         self._service.close()
@@ -183,7 +233,8 @@ class GmailMailbox:
     def fetch(self, ref: MessageRef) -> IncomingMessage:
         """Every header of a message, without its body (format=metadata)."""
         data = self._call(
-            self._service.users().messages().get(userId=self._user, id=ref.id, format="metadata")
+            self._service.users().messages().get(userId=self._user, id=ref.id, format="metadata"),
+            not_found=lambda: MessageGoneError(f"message {ref.id} no longer exists (404)"),
         )
         payload = data.get("payload", {})
         headers = tuple((h["name"], h["value"]) for h in payload.get("headers", []))
@@ -241,12 +292,20 @@ class GmailMailbox:
 
     # -- error mapping ----------------------------------------------------------------------------
 
-    def _call(self, request: Any, *, fatal: bool = False, retry: bool = True) -> Any:
+    def _call(
+        self,
+        request: Any,
+        *,
+        fatal: bool = False,
+        retry: bool = True,
+        not_found: Callable[[], BillingResponderError] | None = None,
+    ) -> Any:
         """Execute with the Gmail retry policy; map what is left to the project's errors.
 
         ``fatal`` marks mailbox-wide calls: if those still fail after retries, the cycle cannot
         run at all, so the failure is fatal rather than one message's. ``retry=False`` is for
-        calls that must not be repeated blindly (a send).
+        calls that must not be repeated blindly (a send). ``not_found`` makes the error a 404
+        means for this call.
         """
         try:
             return GMAIL_RETRY.call(request.execute) if retry else request.execute()
@@ -257,6 +316,8 @@ class GmailMailbox:
             detail = _http_error_detail(exc)
             if status == 401:
                 raise GmailAuthError(f"Gmail rejected the credentials (401): {detail}") from None
+            if status == 404 and not_found is not None:
+                raise not_found() from None
             if fatal:
                 raise ServiceUnavailableError("Gmail", f"HTTP {status}: {detail}") from None
             raise TransientServiceError("Gmail", f"HTTP {status}: {detail}") from None
@@ -267,6 +328,13 @@ class GmailMailbox:
             raise TransientServiceError("Gmail", problem) from None
         except GoogleAuthError as exc:
             raise GmailAuthError(str(exc)) from None
+
+
+def _change(message: dict[str, Any], label_names: dict[str, str]) -> MailboxChange:
+    ref = MessageRef(id=message["id"], thread_id=message["threadId"])
+    if "labelIds" not in message:
+        return MailboxChange(ref, None)
+    return MailboxChange(ref, frozenset(label_names.get(i, i) for i in message["labelIds"]))
 
 
 def is_retryable(exc: BaseException) -> bool:

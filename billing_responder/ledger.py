@@ -59,6 +59,18 @@ _MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX messages_sender ON messages (sender);
         """,
     ),
+    (
+        # What the responder knows about the mailbox as a whole, one row per key: today only
+        # ``history_id``, where the next cycle's users.history.list starts.
+        "0002_mailbox_state",
+        """
+        CREATE TABLE mailbox_state (
+            key        TEXT PRIMARY KEY,
+            value      TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -157,6 +169,38 @@ class SqliteLedger:
             "SELECT * FROM messages ORDER BY updated_at DESC, rowid DESC LIMIT ?", (limit,)
         )
         return [_entry(r) for r in rows]
+
+    # -- the mailbox as a whole -------------------------------------------------------------------
+
+    def history_id(self) -> int | None:
+        """The Gmail history id the last complete cycle reached; None when a full sync is due."""
+        try:
+            row = self._db.execute(
+                "SELECT value FROM mailbox_state WHERE key = 'history_id'"
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if self.read_only:  # a file from before 0002, read by a dry run: nothing stored
+                return None
+            raise StateError(f"{self.path}: {exc}") from None
+        return None if row is None else int(row[0])
+
+    def record_history_id(self, history_id: int | None) -> None:
+        """Store where the next cycle's history starts; None forgets it, so a full sync is next.
+
+        Refused on a read-only ledger: a dry run never moves the real daemon's position.
+        """
+        if self.read_only:
+            raise StateError(f"{self.path}: opened read-only; the history id is not stored")
+        with self._transaction():
+            if history_id is None:
+                self._db.execute("DELETE FROM mailbox_state WHERE key = 'history_id'")
+            else:
+                self._db.execute(
+                    "INSERT INTO mailbox_state (key, value, updated_at)"
+                    " VALUES ('history_id', ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                    " value = excluded.value, updated_at = excluded.updated_at",
+                    (str(history_id), self._clock()),
+                )
 
     # -- writing ----------------------------------------------------------------------------------
 

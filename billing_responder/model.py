@@ -16,6 +16,18 @@ class MessageRef:
 
 
 @dataclass(frozen=True)
+class MailboxChange:
+    """A message that was added or relabelled, as the mailbox's history names it.
+
+    ``labels`` are the message's labels after its latest change in the window (system labels by
+    id, the responder's own labels by name); None when the history did not say.
+    """
+
+    ref: MessageRef
+    labels: frozenset[str] | None
+
+
+@dataclass(frozen=True)
 class IncomingMessage:
     """The headers of one received message, as the mail system delivered them.
 

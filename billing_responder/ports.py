@@ -15,6 +15,7 @@ from billing_responder.model import (
     Decision,
     IncomingMessage,
     LedgerEntry,
+    MailboxChange,
     MessageRef,
     PortalSession,
 )
@@ -35,6 +36,16 @@ class Mailbox(Protocol):
 
     def candidates(self, query: str) -> Iterator[MessageRef]:
         """Every message matching a Gmail search query, across all pages."""
+
+    def history_id(self) -> int:
+        """The mailbox's current history id: a later :meth:`changes_since` starts from it."""
+
+    def changes_since(self, history_id: int) -> tuple[list[MailboxChange], int]:
+        """Messages added or relabelled after ``history_id`` (oldest first, each once), and the
+        history id to continue from next time.
+
+        Raises ``HistoryExpiredError`` when the mailbox no longer keeps history that old.
+        """
 
     def fetch(self, ref: MessageRef) -> IncomingMessage:
         """The message's headers and labels."""
@@ -75,6 +86,12 @@ class Ledger(Protocol):
 
     def get(self, gmail_id: str) -> LedgerEntry | None:
         """The message's row, if it was ever decided."""
+
+    def history_id(self) -> int | None:
+        """The mailbox history id the last complete cycle reached (None: list the mailbox)."""
+
+    def record_history_id(self, history_id: int | None) -> None:
+        """Remember where the next cycle's history starts; None forgets it (a full sync next)."""
 
     def record_final(
         self, gmail_id: str, thread_id: str, decision: Decision, customer_id: str | None = None
