@@ -23,7 +23,9 @@ from billing_responder.config import Config
 from billing_responder.customers import choose_customer
 from billing_responder.errors import (
     FatalServiceError,
+    HistoryExpiredError,
     IdempotencyConflictError,
+    MessageGoneError,
     TransientServiceError,
 )
 from billing_responder.logs import mask_address
@@ -35,6 +37,7 @@ from billing_responder.model import (
     Decision,
     IncomingMessage,
     LedgerEntry,
+    MailboxChange,
     MessageRef,
     PortalSession,
 )
@@ -58,6 +61,14 @@ class Status(enum.Enum):
     WOULD_ESCALATE = "would escalate"
     DEFERRED = "deferred"
     ALREADY_HANDLED = "already handled"
+
+
+#: Outcomes that leave a message for a later cycle (the next cycle then searches the mailbox):
+#: every one but those that finish a message, so a new kind of "not yet" can never lose mail.
+LEFT_FOR_LATER = frozenset(Status) - {
+    Status.REPLIED, Status.WOULD_REPLY, Status.SKIPPED, Status.ESCALATED, Status.WOULD_ESCALATE,
+    Status.ALREADY_HANDLED,
+}
 
 
 @dataclass(frozen=True)
@@ -179,21 +190,104 @@ class Responder:
         should_stop: Callable[[], bool] = lambda: False,
         on_outcome: Callable[[Outcome], None] = lambda outcome: None,
     ) -> CycleReport:
-        """Handle every candidate message now in the mailbox, oldest first."""
+        """Handle every candidate message now in the mailbox, oldest first.
+
+        Candidates come from what changed since the last complete cycle (see :meth:`_candidates`);
+        the history id reached is stored only after every candidate was handled, so a crash or a
+        stop replays that window rather than skipping it.
+        """
         if self._policy is None:
             self.start()
         report = CycleReport()
-        # Gmail lists newest first; answering in arrival order is fairer. Ids only are held.
-        refs = list(self.mailbox.candidates(candidate_query(self.settings)))
-        refs.reverse()
+        refs, reached = self._candidates()
         for position, ref in enumerate(refs):
             if should_stop():
                 log.info("stopping: %d candidate(s) left for the next cycle", len(refs) - position)
-                break
+                return report
             outcome = self.handle(ref)
             report.outcomes.append(outcome)
             on_outcome(outcome)
+        self._remember_history(reached, report)
         return report
+
+    # -- where candidates come from ---------------------------------------------------------------
+
+    def _candidates(self) -> tuple[list[MessageRef], int | None]:
+        """This cycle's candidates, oldest first, and the history id they bring us to.
+
+        Incremental: the messages added or relabelled since the stored history id that may be
+        candidates now (one users.history.list call, 2 quota units, when nothing happened).
+        A full search sync instead when there is nothing to start from — the first cycle, a dry
+        run, the cycle after one that left messages for later (they arrived in a window already
+        passed), or a history id Gmail no longer keeps (a long downtime). Its history id is read
+        *before* the listing, so mail arriving during the listing is in the next window.
+        """
+        start = None if self.dry_run else self.ledger.history_id()
+        if start is not None:
+            try:
+                changes, reached = self.mailbox.changes_since(start)
+            except HistoryExpiredError:
+                log.warning(
+                    "full sync: Gmail's history no longer reaches back to id %d (it expired while"
+                    " the responder was not running); searching the mailbox for everything waiting",
+                    start,
+                )
+            else:
+                return self._still_candidates(changes), reached
+        else:
+            log.debug("full sync: no history id stored (first cycle, dry run, or mail left over)")
+        listed_from = None if self.dry_run else self.mailbox.history_id()
+        # Gmail lists newest first; answering in arrival order is fairer. Ids only are held.
+        refs = list(self.mailbox.candidates(candidate_query(self.settings)))
+        refs.reverse()
+        return refs, listed_from
+
+    def _still_candidates(self, changes: list[MailboxChange]) -> list[MessageRef]:
+        """The changed messages the candidate search would list now.
+
+        The labels in the history rule out, without a request, what the search excludes: read,
+        archived, spam or trash, or labelled by us (our own replies and labels are in the history
+        too). A message the ledger knows is handed on as it is (``handle`` re-checks it). Any
+        other is fetched once to check its subject as the search would, so both ways of polling
+        handle, report and record the same messages; one deleted meanwhile (404) is gone, and
+        skipped, not deferred.
+        """
+        handled = {"SPAM", "TRASH", self.settings.replied_label, self.settings.needs_human_label}
+        refs: list[MessageRef] = []
+        for change in changes:
+            labels = change.labels
+            if labels is not None and (not {UNREAD, "INBOX"} <= labels or labels & handled):
+                continue
+            if self.ledger.get(change.ref.id) is None:
+                try:
+                    message = self.mailbox.fetch(change.ref)
+                except MessageGoneError:
+                    log.info("message %s is gone from the mailbox (404); skipped", change.ref.id)
+                    continue
+                except TransientServiceError:
+                    pass  # handle() tries again, and defers it if it must
+                else:
+                    subject = mail.decode_header_value(message.get("Subject") or "")
+                    if triage.matching_keyword(subject, self.settings.keywords) is None:
+                        continue
+            refs.append(change.ref)
+        return refs
+
+    def _remember_history(self, reached: int | None, report: CycleReport) -> None:
+        """Store where the next cycle starts, or forget it when messages were left for later.
+
+        A deferred or waiting message is in a history window already passed, so no later window
+        would bring it back: the next cycle is a full search sync instead, which finds whatever
+        is still waiting, in whichever window it arrived.
+        """
+        if self.dry_run or reached is None:
+            return
+        left = sum(1 for o in report.outcomes if o.status in LEFT_FOR_LATER)
+        if left:
+            log.info("%d message(s) left for later: the next cycle searches the mailbox", left)
+            self.ledger.record_history_id(None)
+        else:
+            self.ledger.record_history_id(reached)
 
     # -- the way of one message -------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ def run_demo(out: TextIO) -> int:
             _account(out, number, message, outcomes.get(message.gmail_id), sent_by_thread)
 
         _say(out, f"First cycle:  {first.summary()}.")
-        _say(out, f"Second cycle: {second.summary()} (nothing is ever answered twice).")
+        _say(out, f"Second cycle: {second.summary()} (nothing changed since the first: one "
+                  "history.list call; nothing is ever answered twice).")
         _say(out, f"Gmail received {len(gmail.sent_messages())} replies; Stripe minted "
                   f"{len(stripe.portal_sessions())} portal sessions; "
                   f"Gmail quota used: {gmail.units_used} units.")
