@@ -31,7 +31,7 @@ from billing_responder.errors import (
 )
 from billing_responder.logs import setup_logging
 from billing_responder.mail import message_from_bytes
-from billing_responder.pipeline import Outcome, Status, triage_message
+from billing_responder.pipeline import QUIET, Outcome, Status, triage_message
 
 log = logging.getLogger("billing_responder")
 
@@ -164,14 +164,14 @@ def _explain(args: argparse.Namespace) -> int:
 
 def print_outcome(outcome: Outcome) -> None:
     """`once`'s per-message line on stdout: what happened and why, in one line."""
-    if outcome.status is Status.ALREADY_HANDLED:
+    if outcome.status in QUIET:
         return
     print(_outcome_line(outcome))
 
 
 def log_outcome(outcome: Outcome) -> None:
     """The daemon's per-message log line (addresses are masked by the log formatter)."""
-    if outcome.status is not Status.ALREADY_HANDLED:
+    if outcome.status not in QUIET:
         log.info("%s", _outcome_line(outcome))
 
 
@@ -184,7 +184,7 @@ def _outcome_line(outcome: Outcome) -> str:
 
 def print_dry_run_outcome(outcome: Outcome) -> None:
     """The dry-run review: the full reply for what would be answered, reasons for the rest."""
-    if outcome.status is Status.ALREADY_HANDLED:
+    if outcome.status in QUIET:
         return
     decision = outcome.decision
     print(f"=== message {outcome.ref.id} (thread {outcome.ref.thread_id}): "

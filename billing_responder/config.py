@@ -60,6 +60,16 @@ class TriageConfig:
     """``[triage]``: which messages count as billing emails."""
 
     keywords: tuple[str, ...] = ("invoice", "billing")
+    max_age_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: how much automatic answering is allowed (see limits.py)."""
+
+    per_sender_hours: float = 24.0
+    max_replies_per_hour: int = 60
+    max_attempts: int = 10
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,7 @@ class Config:
     gmail: GmailConfig = field(default_factory=GmailConfig)
     triage: TriageConfig = field(default_factory=TriageConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     reply: ReplyConfig = field(default_factory=ReplyConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     state: StateConfig = field(default_factory=StateConfig)
@@ -129,6 +140,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "stripe": StripeConfig,
     "triage": TriageConfig,
     "labels": LabelsConfig,
+    "limits": LimitsConfig,
     "reply": ReplyConfig,
     "security": SecurityConfig,
     "state": StateConfig,
@@ -272,12 +284,12 @@ def _validate(config: Config, shown: str) -> None:
     _require_url(config.gmail.token_uri, "gmail.token_uri", shown)
     if not config.gmail.user_id.strip():
         raise ConfigError(shown, "gmail.user_id", 'must not be empty ("me" is the usual value)')
-    for dotted, seconds in (
-        ("gmail.timeout_seconds", config.gmail.timeout_seconds),
-        ("stripe.timeout_seconds", config.stripe.timeout_seconds),
-    ):
-        if seconds <= 0:
-            raise ConfigError(shown, dotted, "must be greater than 0")
+    _validate_triage_and_labels(config, shown)
+    _validate_numbers(config, shown)
+    _validate_rest(config, shown)
+
+
+def _validate_triage_and_labels(config: Config, shown: str) -> None:
     keywords = config.triage.keywords
     if not keywords or any(not k.strip() for k in keywords):
         raise ConfigError(shown, "triage.keywords", "must be a non-empty list of non-empty words")
@@ -295,8 +307,24 @@ def _validate(config: Config, shown: str) -> None:
             )
     if config.labels.replied == config.labels.needs_human:
         raise ConfigError(shown, "labels.needs_human", "must differ from labels.replied")
+
+
+def _validate_numbers(config: Config, shown: str) -> None:
     if config.schedule.interval_seconds < 1:
         raise ConfigError(shown, "schedule.interval_seconds", "must be at least 1 second")
+    for dotted, positive in (
+        ("gmail.timeout_seconds", config.gmail.timeout_seconds),
+        ("stripe.timeout_seconds", config.stripe.timeout_seconds),
+        ("triage.max_age_days", config.triage.max_age_days),
+        ("limits.per_sender_hours", config.limits.per_sender_hours),
+        ("limits.max_replies_per_hour", config.limits.max_replies_per_hour),
+        ("limits.max_attempts", config.limits.max_attempts),
+    ):
+        if positive <= 0:
+            raise ConfigError(shown, dotted, "must be greater than 0")
+
+
+def _validate_rest(config: Config, shown: str) -> None:
     authserv_id = config.security.authserv_id
     if not authserv_id or any(c.isspace() or c == ";" for c in authserv_id):
         raise ConfigError(

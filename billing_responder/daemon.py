@@ -21,7 +21,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from billing_responder.errors import BillingResponderError, ServiceUnavailableError
-from billing_responder.pipeline import CycleReport, Outcome, Status
+from billing_responder.pipeline import QUIET, CycleReport, Outcome
 from billing_responder.retry import clear_stop, request_stop
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Daemon:
             self.fatal = exc
             self._stop.set()
             return
-        if any(o.status is not Status.ALREADY_HANDLED for o in report.outcomes):
+        if any(o.status not in QUIET for o in report.outcomes):
             log.info("cycle done: %s", report.summary())
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -163,6 +163,14 @@ class SqliteLedger:
         row = self._db.execute("SELECT * FROM messages WHERE gmail_id = ?", (gmail_id,)).fetchone()
         return None if row is None else _entry(row)
 
+    def unfinished(self) -> list[LedgerEntry]:
+        """Replies begun but not completed (sending or sent), oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM messages WHERE state IN (?, ?) ORDER BY created_at, rowid",
+            (SENDING, SENT),
+        )
+        return [_entry(r) for r in rows]
+
     def entries(self, limit: int = 50) -> list[LedgerEntry]:
         """The most recently updated rows, newest first."""
         rows = self._db.execute(
@@ -227,8 +235,36 @@ class SqliteLedger:
         """The thread is labelled: the message is completely handled."""
         self._update(gmail_id, state=DONE, last_error=None)
 
-    def record_failure(self, gmail_id: str, thread_id: str, error: str) -> None:
-        """A transient failure: the message stays for the next cycle; count it."""
+    # -- replies already sent (for limits.py) -----------------------------------------------------
+    # A reply row's updated_at is set when Gmail accepted it and, a moment later, when labelled.
+
+    def last_reply_to(self, sender: str) -> datetime | None:
+        """When a reply last went to ``sender`` (case-insensitive), if ever."""
+        row = self._db.execute(
+            "SELECT MAX(updated_at) FROM messages"
+            " WHERE sent_gmail_id IS NOT NULL AND lower(sender) = lower(?)",
+            (sender,),
+        ).fetchone()
+        return datetime.fromisoformat(row[0]) if row and row[0] else None
+
+    def replied_in_thread(self, thread_id: str) -> bool:
+        """Whether a reply was ever sent in this thread."""
+        row = self._db.execute(
+            "SELECT 1 FROM messages WHERE thread_id = ? AND sent_gmail_id IS NOT NULL LIMIT 1",
+            (thread_id,),
+        ).fetchone()
+        return row is not None
+
+    def replies_since(self, since: datetime) -> int:
+        """How many replies were sent since ``since``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM messages WHERE sent_gmail_id IS NOT NULL AND updated_at >= ?",
+            (since.astimezone(UTC).isoformat(timespec="seconds"),),
+        ).fetchone()
+        return int(row[0])
+
+    def record_failure(self, gmail_id: str, thread_id: str, error: str) -> int:
+        """A transient failure: the message stays for the next cycle; returns its failure count."""
         now = self._clock()
         with self._transaction():
             self._db.execute(
@@ -238,6 +274,10 @@ class SqliteLedger:
                 " last_error = excluded.last_error, updated_at = excluded.updated_at",
                 (gmail_id, thread_id, error, now, now),
             )
+        row = self._db.execute(
+            "SELECT failures FROM messages WHERE gmail_id = ?", (gmail_id,)
+        ).fetchone()
+        return int(row[0])
 
     def _upsert(self, gmail_id: str, thread_id: str, decision: Decision, state: str,
                 **extra: str | None) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from billing_responder import mail, triage
 from billing_responder.config import Config
@@ -28,6 +29,7 @@ from billing_responder.errors import (
     MessageGoneError,
     TransientServiceError,
 )
+from billing_responder.limits import Limits, next_attempt, reply_blocked, too_old
 from billing_responder.logs import mask_address
 from billing_responder.model import (
     DONE,
@@ -60,8 +62,12 @@ class Status(enum.Enum):
     ESCALATED = "escalated"
     WOULD_ESCALATE = "would escalate"
     DEFERRED = "deferred"
+    WAITING = "waiting to retry"
     ALREADY_HANDLED = "already handled"
 
+
+#: Outcomes that say nothing new about a message: not reported every cycle.
+QUIET = frozenset({Status.ALREADY_HANDLED, Status.WAITING})
 
 #: Outcomes that leave a message for a later cycle (the next cycle then searches the mailbox):
 #: every one but those that finish a message, so a new kind of "not yet" can never lose mail.
@@ -114,6 +120,7 @@ class Settings:
     signature: str
     from_name: str
     authserv_id: str = "mx.google.com"
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -126,6 +133,12 @@ class Settings:
             signature=config.reply.signature,
             from_name=config.reply.from_name,
             authserv_id=config.security.authserv_id,
+            limits=Limits(
+                max_age_days=config.triage.max_age_days,
+                per_sender_hours=config.limits.per_sender_hours,
+                max_replies_per_hour=config.limits.max_replies_per_hour,
+                max_attempts=config.limits.max_attempts,
+            ),
         )
 
 
@@ -157,7 +170,9 @@ class Responder:
         settings: Settings,
         *,
         dry_run: bool = False,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self.clock = clock
         self.mailbox = mailbox
         self.billing = billing
         self.ledger = ledger
@@ -200,6 +215,7 @@ class Responder:
             self.start()
         report = CycleReport()
         refs, reached = self._candidates()
+        refs = self._unfinished(refs) + refs
         for position, ref in enumerate(refs):
             if should_stop():
                 log.info("stopping: %d candidate(s) left for the next cycle", len(refs) - position)
@@ -241,6 +257,21 @@ class Responder:
         refs = list(self.mailbox.candidates(candidate_query(self.settings)))
         refs.reverse()
         return refs, listed_from
+
+    def _unfinished(self, refs: list[MessageRef]) -> list[MessageRef]:
+        """Replies an earlier run began but did not finish, that this cycle would not list.
+
+        A run killed after labelling, but before recording it, leaves a message no search or
+        history window brings back (it carries our label now): its row is resolved from here.
+        """
+        if self.dry_run:
+            return []
+        listed = {ref.id for ref in refs}
+        return [
+            MessageRef(entry.gmail_id, entry.thread_id)
+            for entry in self.ledger.unfinished()
+            if entry.gmail_id not in listed
+        ]
 
     def _still_candidates(self, changes: list[MailboxChange]) -> list[MessageRef]:
         """The changed messages the candidate search would list now.
@@ -309,13 +340,18 @@ class Responder:
         entry = self.ledger.get(ref.id)
         if entry is not None and entry.state == DONE:
             return Outcome(ref, Status.ALREADY_HANDLED)
+        now = self.clock()
+        if entry is not None and entry.failures and not self.dry_run:
+            retry_at = next_attempt(datetime.fromisoformat(entry.updated_at), entry.failures)
+            if now < retry_at:
+                return Outcome(ref, Status.WAITING, error=entry.last_error)
         if entry is not None and entry.state in (SENDING, SENT) and not self.dry_run:
             resumed = self._resume(ref, entry)
             if resumed is not None:
                 return resumed
 
         message = self.mailbox.fetch(ref)
-        decision = triage.decide(message, self._triage_policy())
+        decision = self._within_limits(triage.decide(message, self._triage_policy()), message, now)
         if decision.action is Action.SKIP:
             return self._skip(ref, decision)
         if decision.action is Action.ESCALATE or decision.sender is None:
@@ -382,6 +418,22 @@ class Responder:
         )
         return Outcome(ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"]))
 
+    def _within_limits(
+        self, decision: Decision, message: IncomingMessage, now: datetime
+    ) -> Decision:
+        """Triage's decision, turned into a skip or escalation where a limit says so."""
+        limits = self.settings.limits
+        if decision.action is not Action.SKIP and message.internal_date_ms:
+            received = datetime.fromtimestamp(message.internal_date_ms / 1000, UTC)
+            old = too_old(received, now, limits)
+            if old is not None:
+                return _with_reason(decision, Action.SKIP, old)
+        if decision.action is Action.REPLY and decision.sender is not None:
+            blocked = reply_blocked(self.ledger, decision.sender, message.thread_id, now, limits)
+            if blocked is not None:
+                return _with_reason(decision, *blocked)
+        return decision
+
     def _new_reply_id(self) -> str:
         return mail.new_message_id(mail.reply_message_id_domain(self.address))
 
@@ -437,9 +489,28 @@ class Responder:
 
     def _defer(self, ref: MessageRef, error: str) -> Outcome:
         log.warning("message %s deferred to the next cycle: %s", ref.id, error)
-        if not self.dry_run:
-            self.ledger.record_failure(ref.id, ref.thread_id, error)
-        return Outcome(ref, Status.DEFERRED, error=error)
+        if self.dry_run:
+            return Outcome(ref, Status.DEFERRED, error=error)
+        failures = self.ledger.record_failure(ref.id, ref.thread_id, error)
+        if failures < self.settings.limits.max_attempts:
+            return Outcome(ref, Status.DEFERRED, error=error)
+        # Never retried forever: after max_attempts, a person takes over, told why.
+        entry = self.ledger.get(ref.id)
+        reason = (
+            f"gave up after {failures} failed attempts ([limits] max_attempts); "
+            f"last error: {error}"
+        )
+        decision = Decision(
+            Action.ESCALATE,
+            (reason,),
+            entry.sender if entry else None,
+            entry.subject if entry else "",
+        )
+        try:
+            return self._escalate(ref, decision)
+        except TransientServiceError as exc:
+            log.warning("message %s: cannot escalate yet: %s", ref.id, exc)
+            return Outcome(ref, Status.DEFERRED, error=error)
 
     def _triage_policy(self) -> triage.TriagePolicy:
         if self._policy is None:

@@ -8,6 +8,7 @@ contract the pipeline relies on, errors included.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from billing_responder.model import (
@@ -98,6 +99,9 @@ class Ledger(Protocol):
     ) -> None:
         """A skip or escalation, complete."""
 
+    def unfinished(self) -> list[LedgerEntry]:
+        """Replies begun but not completed (sending or sent), oldest first."""
+
     def record_intent(
         self,
         gmail_id: str,
@@ -118,5 +122,14 @@ class Ledger(Protocol):
     def record_done(self, gmail_id: str) -> None:
         """Labelled: nothing left to do."""
 
-    def record_failure(self, gmail_id: str, thread_id: str, error: str) -> None:
-        """A transient failure; the message waits for the next cycle."""
+    def record_failure(self, gmail_id: str, thread_id: str, error: str) -> int:
+        """A transient failure; the message waits for the next cycle. Returns its failure count."""
+
+    def last_reply_to(self, sender: str) -> datetime | None:
+        """When a reply last went to ``sender`` (case-insensitive), if ever."""
+
+    def replied_in_thread(self, thread_id: str) -> bool:
+        """Whether a reply was ever sent in this thread."""
+
+    def replies_since(self, since: datetime) -> int:
+        """How many replies were sent since ``since``."""

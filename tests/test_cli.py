@@ -294,7 +294,8 @@ class TestDaemon:
                 time.sleep(0.1)
             assert len(sandbox.gmail.sent_messages()) == 1
             # A second message arriving while it runs is answered by a later cycle.
-            sandbox.gmail.deliver(person_mail("ada@example.com", "Another invoice", "?"))
+            sandbox.stripe.add_customer("bob@example.org")
+            sandbox.gmail.deliver(person_mail("bob@example.org", "Another invoice", "?"))
             deadline = time.monotonic() + 30
             while len(sandbox.gmail.sent_messages()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -104,6 +104,12 @@ class TestErrorsNameFileAndKey:
              "schedule.interval_seconds", "finite"),
             ('[stripe]\nreturn_url = "https://x.test"\n[labels]\nreplied = "done (auto)"\n',
              "labels.replied", "not a usable label name"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[limits]\nmax_attempts = 0\n',
+             "limits.max_attempts", "greater than 0"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[limits]\nper_sender_hours = -1\n',
+             "limits.per_sender_hours", "greater than 0"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[triage]\nmax_age_days = 0\n',
+             "triage.max_age_days", "greater than 0"),
         ],
     )
     def test_bad_value_names_file_key_and_problem(

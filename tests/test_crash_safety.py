@@ -155,17 +155,7 @@ class LedgerNotDoneError(Exception):
 
 
 def _params() -> list[object]:
-    params: list[object] = []
-    for point in KILL_POINTS:
-        marks = []
-        if point.path == MODIFY and point.after:
-            marks.append(pytest.mark.xfail(
-                strict=True, raises=LedgerNotDoneError,
-                reason="the labelled message is no longer a candidate, so no later cycle "
-                "resumes its row: it stays 'sent' (the reply and label are right)",
-            ))
-        params.append(pytest.param(point, id=point.name, marks=marks))
-    return params
+    return [pytest.param(point, id=point.name) for point in KILL_POINTS]
 
 
 class TestKillAtEveryStep:

@@ -8,6 +8,7 @@ import re
 import sqlite3
 import time
 from dataclasses import replace
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 
 import pytest
@@ -111,6 +112,7 @@ class TestReplyToAKnownCustomer:
         sandbox.gmail.inject_fault(Fault(503, method="POST", path="/messages/send"))
         sandbox.cli("once")
         first_key = sandbox.stripe.portal_sessions()[0].idempotency_key
+        _time_passes(sandbox, 60)
 
         sandbox.cli("once")
 
@@ -367,6 +369,7 @@ class TestFailuresLoseNothing:
         assert sandbox.gmail.sent_messages() == []
         assert REPLIED not in sandbox.gmail.message_label_names(message_id)
         sandbox.stripe.clear_faults()
+        _time_passes(sandbox, 60)
         assert sandbox.cli("once").code == 0
         assert len(sandbox.gmail.sent_messages()) == 1
 
@@ -397,6 +400,7 @@ class TestFailuresLoseNothing:
         assert first.code == 0 and "1 deferred" in first.stdout
         assert len(sandbox.gmail.sent_messages()) == 1
         assert REPLIED not in sandbox.gmail.message_label_names(message_id)
+        _time_passes(sandbox, 60)
         second = sandbox.cli("once")
         assert second.code == 0 and "1 replied" in second.stdout
         assert len(sandbox.gmail.sent_messages()) == 1
@@ -414,6 +418,7 @@ class TestFailuresLoseNothing:
         assert "1 deferred" in sandbox.cli("once").stdout
         live = sandbox.stripe.add_customer("ada@example.com", created=now - 60,
                                            subscription_statuses=["active"])
+        _time_passes(sandbox, 60)
 
         second = sandbox.cli("once")
 
@@ -549,6 +554,23 @@ class TestSecrets:
 
 def _ledger(sandbox: Sandbox) -> SqliteLedger:
     return SqliteLedger(sandbox.folder / "state.db")
+
+
+def _time_passes(sandbox: Sandbox, seconds: float = 3600) -> None:
+    """Move every ledger timestamp back, as if ``seconds`` had passed since it was written."""
+    db = sqlite3.connect(sandbox.folder / "state.db")
+    with db:
+        for gmail_id, created, updated in db.execute(
+            "SELECT gmail_id, created_at, updated_at FROM messages"
+        ).fetchall():
+            shift = timedelta(seconds=seconds)
+            db.execute(
+                "UPDATE messages SET created_at = ?, updated_at = ? WHERE gmail_id = ?",
+                ((datetime.fromisoformat(created) - shift).isoformat(timespec="seconds"),
+                 (datetime.fromisoformat(updated) - shift).isoformat(timespec="seconds"),
+                 gmail_id),
+            )
+    db.close()
 
 
 def _interrupted_attempt(sandbox: Sandbox, reply_message_id: str) -> str:
