@@ -133,6 +133,12 @@ class GmailMailbox:
         profile = self._call(self._service.users().getProfile(userId=self._user), fatal=True)
         return str(profile["emailAddress"])
 
+    def send_as_addresses(self) -> list[str]:
+        """Every address the mailbox sends as (its own and its "Send mail as" aliases)."""
+        request = self._service.users().settings().sendAs().list(userId=self._user)
+        found = self._call(request, fatal=True)
+        return [str(item["sendAsEmail"]) for item in found.get("sendAs", [])]
+
     def label_ids(self, names: Sequence[str], *, create: bool) -> dict[str, str | None]:
         """Each label name's id; missing labels are created when ``create`` (else None)."""
         existing = self._call(self._service.users().labels().list(userId=self._user), fatal=True)

@@ -193,9 +193,11 @@ class Responder:
         missing = [name for name, label_id in labels.items() if label_id is None]
         if missing:
             log.info("dry run: would create the labels %s", ", ".join(missing))
+        aliases = [a for a in self.mailbox.send_as_addresses() if a.lower() != self.address.lower()]
         self._policy = triage.TriagePolicy(
             keywords=self.settings.keywords,
             mailbox_address=self.address,
+            aliases=tuple(aliases),
             trusted_authserv_ids=(self.settings.authserv_id,),
         )
 

@@ -32,6 +32,9 @@ class Mailbox(Protocol):
     def address(self) -> str:
         """The mailbox's own address."""
 
+    def send_as_addresses(self) -> list[str]:
+        """Every address the mailbox sends as: mail from any of them is never answered."""
+
     def label_ids(self, names: Sequence[str], *, create: bool) -> dict[str, str | None]:
         """Label name → id; creates the missing ones when ``create``, else maps them to None."""
 

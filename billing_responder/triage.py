@@ -87,6 +87,8 @@ class TriagePolicy:
 
     keywords: tuple[str, ...]
     mailbox_address: str
+    #: Other addresses the mailbox sends as (Gmail "Send mail as" aliases): never answered either.
+    aliases: tuple[str, ...] = ()
     max_header_bytes: int = 256_000
     trusted_authserv_ids: tuple[str, ...] = ("mx.google.com",)
     require_authentication: bool = True
@@ -105,8 +107,13 @@ def decide(
         skip.append(f"not billing: the subject {shown!r} contains none of the keywords {keywords}")
 
     sender = sender_address(message)
-    if _from_our_mailbox(message, policy.mailbox_address):
-        skip.append(f"sent by our own mailbox {policy.mailbox_address}")
+    for own in (policy.mailbox_address, *policy.aliases):
+        if own and _from_our_mailbox(message, own):
+            skip.append(f"sent by our own mailbox {own}")
+            break
+    own_id = original_message_id(message)
+    if own_id is not None and is_own_message_id(own_id):
+        skip.append(f"it is one of our own automatic replies ({own_id}) come back")
     skip.extend(automated_signals(message, sender))
     escalate: list[str] = []
     size = header_size(message.headers)

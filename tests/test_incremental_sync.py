@@ -94,10 +94,12 @@ class TestIdleCycle:
         assert result.code == 0 and "0 messages" in result.stdout
         [history] = history_calls(sandbox)
         assert listings(sandbox) == [] and gets(sandbox) == [] and sandbox.gmail.writes() == []
-        # Start-up checks the profile and the labels (1 unit each); polling is the rest.
+        # Start-up checks the profile, the send-as aliases and the labels (1 unit each); polling
+        # is the rest.
         startup = [r.path for r in sandbox.gmail.requests if r is not history]
-        assert sorted(startup) == sorted([PROFILE, "/gmail/v1/users/me/labels"])
-        assert sandbox.gmail.units_used - units_before - 2 == 2
+        assert sorted(startup) == sorted(
+            [PROFILE, "/gmail/v1/users/me/settings/sendAs", "/gmail/v1/users/me/labels"])
+        assert sandbox.gmail.units_used - units_before - 3 == 2
         assert set(history.query["historyTypes"]) == {"messageAdded", "labelAdded", "labelRemoved"}
         assert stored_history_id(sandbox) == sandbox.gmail.history_id
 

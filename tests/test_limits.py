@@ -8,8 +8,11 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import make_msgid
 
+import pytest
+
 from billing_responder.ledger import SqliteLedger
 from billing_responder.limits import Limits, next_attempt, reply_blocked, too_old
+from billing_responder.mail import new_message_id
 from billing_responder.model import DONE, Action
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import MAILBOX, person_mail
@@ -218,3 +221,33 @@ class TestEndToEnd:
         sandbox.stripe.clear_requests()
         sandbox.cli("once")
         assert not [r for r in sandbox.stripe.requests if r.path == "/v1/billing_portal/sessions"]
+
+
+class TestLoopProtection:
+    def test_mail_from_a_send_as_alias_is_never_answered(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Mail from one of the mailbox's "Send mail as" aliases is skipped as our own."""
+        monkeypatch.setattr(sandbox.gmail, "send_as_aliases", ["billing@acme-saas.test"])
+        sandbox.stripe.add_customer("billing@acme-saas.test")
+        message_id, _ = sandbox.gmail.deliver(person_mail("billing@acme-saas.test", "Invoice", "?"))
+        result = sandbox.cli("once")
+        assert result.code == 0
+        assert sandbox.gmail.sent_messages() == []
+        entry = _ledger(sandbox).get(message_id)
+        assert entry is not None
+        assert any("own mailbox billing@acme-saas.test" in r for r in entry.reasons)
+
+    def test_our_own_reply_coming_back_is_never_answered(self, sandbox: Sandbox) -> None:
+        """A message carrying one of our reply Message-IDs (a copy come back) is skipped."""
+        sandbox.stripe.add_customer("ada@example.com")
+        raw = person_mail("ada@example.com", "Re: Invoice", "copy")
+        own_id = new_message_id("acme-saas.test").encode()
+        head, _, body = raw.partition(b"\n\n")
+        lines = [line for line in head.split(b"\n") if not line.lower().startswith(b"message-id:")]
+        message_id, _ = sandbox.gmail.deliver(
+            b"\n".join([*lines, b"Message-ID: " + own_id]) + b"\n\n" + body)
+        assert sandbox.cli("once").code == 0
+        assert sandbox.gmail.sent_messages() == []
+        entry = _ledger(sandbox).get(message_id)
+        assert entry is not None and any("our own automatic replies" in r for r in entry.reasons)

@@ -132,6 +132,7 @@ class GmailEmulator(EmulatorServer):
         self,
         *,
         address: str = "support@example.com",
+        send_as_aliases: Sequence[str] = (),
         latency: float = 0.0,
         quota_units_per_minute: int | None = None,
         refresh_token: str = "sandbox-refresh-token",  # noqa: S107 - a sandbox value, not a secret
@@ -142,6 +143,7 @@ class GmailEmulator(EmulatorServer):
     ) -> None:
         super().__init__(host=host, port=port, latency=latency)
         self.address = address
+        self.send_as_aliases = list(send_as_aliases)  # "Send mail as" addresses besides our own
         self.refresh_token = refresh_token
         self.quota_units_per_minute = quota_units_per_minute
         self.decode_header_values = decode_header_values
@@ -518,6 +520,14 @@ class GmailEmulator(EmulatorServer):
             }
         )
 
+    def _send_as_list(self, call: _Call) -> Response:
+        primary = {"sendAsEmail": self.address, "displayName": "", "replyToAddress": "",
+                   "signature": "", "isPrimary": True, "isDefault": True}
+        aliases = [{"sendAsEmail": alias, "displayName": "", "replyToAddress": "",
+                    "signature": "", "isDefault": False, "treatAsAlias": True,
+                    "verificationStatus": "accepted"} for alias in self.send_as_aliases]
+        return _ok({"sendAs": [primary, *aliases]})
+
     def _labels_list(self, call: _Call) -> Response:
         return _ok({"labels": [label.resource() for label in self._labels.values()]})
 
@@ -704,4 +714,5 @@ _HANDLERS: Mapping[str, Callable[[GmailEmulator, _Call], Response]] = {
     "threads.modify": GmailEmulator._threads_modify,
     "threads.list": GmailEmulator._threads_list,
     "history.list": GmailEmulator._history_list,
+    "settings.sendAs.list": GmailEmulator._send_as_list,
 }

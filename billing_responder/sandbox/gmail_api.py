@@ -33,7 +33,7 @@ QUOTA_UNITS: Mapping[str, int] = {
     "messages.attachments.get": 5, "messages.batchDelete": 50, "messages.batchModify": 50,
     "messages.delete": 10, "messages.get": 5, "messages.import": 25, "messages.insert": 25,
     "messages.list": 5, "messages.modify": 5, "messages.send": 100, "messages.trash": 5,
-    "messages.untrash": 5,
+    "messages.untrash": 5, "settings.sendAs.list": 1,
     "threads.delete": 20, "threads.get": 10, "threads.list": 10, "threads.modify": 10,
     "threads.trash": 10, "threads.untrash": 10,
 }  # fmt: skip
