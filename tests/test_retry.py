@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import threading
+from dataclasses import replace
 
 import pytest
 
 from billing_responder import retry
 from billing_responder.retry import RetryPolicy, parse_retry_after
+from billing_responder.sandbox._http import Fault
+from billing_responder.sandbox.inbox import person_mail
+from tests.conftest import Sandbox
 
 
 class FlakyError(Exception):
@@ -133,3 +138,69 @@ class TestParseRetryAfter:
     def test_http_date_in_the_past_means_now(self) -> None:
         """An HTTP-date Retry-After that has passed asks for no wait."""
         assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+class TestWhatIsRetried:
+    """Which failures each adapter retries, seen on the wire (the emulators count the attempts)."""
+
+    @staticmethod
+    def _attempts(sandbox: Sandbox, path: str) -> list[int]:
+        return [r.status for r in sandbox.gmail.requests + sandbox.stripe.requests
+                if re.search(path, r.path)]
+
+    @pytest.mark.parametrize(
+        ("status", "reason", "retried"),
+        [
+            (403, "rateLimitExceeded", True),
+            (403, "userRateLimitExceeded", True),
+            (429, "rateLimitExceeded", True),
+            (500, "backendError", True),
+            (503, "backendError", True),
+            (403, "forbidden", False),
+            (400, "invalidArgument", False),
+            (404, "notFound", False),
+        ],
+    )
+    def test_gmail_retries_rate_limits_and_server_errors_only(
+        self, sandbox: Sandbox, fast_retries: None, status: int, reason: str, retried: bool
+    ) -> None:
+        """Gmail 429, 5xx and 403 rate limits are retried; other 403s, 400 and 404 are not."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.gmail.inject_fault(Fault(status, method="GET", path=r"/messages/[0-9a-f]+$",
+                                         reason=reason))
+        sandbox.cli("once")
+        attempts = self._attempts(sandbox, r"/messages/[0-9a-f]+$")
+        assert attempts == ([status, 200] if retried else [status])
+        assert len(sandbox.gmail.sent_messages()) == (1 if retried else 0)
+
+    @pytest.mark.parametrize(
+        ("fault", "retried"),
+        [
+            (Fault(429, reason="rate_limit"), True),
+            (Fault(500), True),
+            (Fault(503), True),
+            (Fault(500, headers={"Stripe-Should-Retry": "false"}), False),
+            (Fault(400, reason="parameter_invalid"), False),
+            (Fault(409, reason="lock_timeout", headers={"Stripe-Should-Retry": "true"}), True),
+        ],
+        ids=["429", "500", "503", "500-should-retry-false", "400", "409-should-retry-true"],
+    )
+    def test_stripe_retries_what_stripe_says_is_worth_it(
+        self, sandbox: Sandbox, fast_retries: None, fault: Fault, retried: bool
+    ) -> None:
+        """Stripe 429 and 5xx are retried unless Stripe-Should-Retry says otherwise (and vice versa)."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        sandbox.stripe.inject_fault(
+            replace(fault, method="POST", path="/v1/billing_portal/sessions"))
+        sandbox.cli("once")
+        attempts = self._attempts(sandbox, r"^/v1/billing_portal/sessions$")
+        assert attempts == ([fault.status, 200] if retried else [fault.status])
+
+    def test_stripe_authentication_error_is_fatal_and_not_retried(self, sandbox: Sandbox) -> None:
+        """A 401 from Stripe ends the run with exit 1 after one attempt."""
+        sandbox.stripe.inject_fault(Fault(401, method="GET", path="^/v1/customers$"))
+        result = sandbox.cli("once")
+        assert result.code == 1 and "API key was rejected" in result.stderr
+        assert self._attempts(sandbox, r"^/v1/customers$") == [401]
