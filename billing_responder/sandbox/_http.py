@@ -9,8 +9,10 @@ API's own error shape, for a given number of matching requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -75,6 +77,9 @@ class Fault:
     #: Carry the request out first, then answer the error: the "it worked but the answer was
     #: lost" case (a 5xx or timeout after a send), which is what makes non-idempotent calls risky.
     after: bool = False
+    #: Close the connection without answering at all (after carrying the request out, with
+    #: ``after``): a dropped connection, which the client sees as a connection error.
+    drop: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this fault applies to a request."""
@@ -181,7 +186,8 @@ class EmulatorServer:
                     return fault
         return None
 
-    def _dispatch(self, request: RecordedRequest) -> Response:
+    def _dispatch(self, request: RecordedRequest) -> Response | None:
+        """The answer to one request; ``None`` when an injected fault drops the connection."""
         if self.latency:
             time.sleep(self.latency)
         fault = self._take_fault(request.method, request.path)
@@ -193,7 +199,14 @@ class EmulatorServer:
         if fault is not None:
             if fault.delay:
                 time.sleep(fault.delay)
+            if fault.drop:
+                self._log_request(request, 0)
+                return None
             response = self.error(fault)
+        self._log_request(request, response.status)
+        return response
+
+    def _log_request(self, request: RecordedRequest, status: int) -> None:
         with self._lock:
             self._requests.append(
                 RecordedRequest(
@@ -202,10 +215,9 @@ class EmulatorServer:
                     request.query,
                     request.headers,
                     request.body,
-                    response.status,
+                    status,
                 )
             )
-        return response
 
 
 def _make_handler(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
@@ -227,6 +239,11 @@ def _make_handler(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
                 body=body,
             )
             response = server._dispatch(request)
+            if response is None:  # a dropped connection: no status line, just a closed socket
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.send_response(response.status)
             for key, value in response.headers.items():
                 self.send_header(key, value)
