@@ -29,7 +29,9 @@ from typing import Any
 
 import google_auth_httplib2
 import httplib2
+import requests
 from google.auth.exceptions import GoogleAuthError, RefreshError, TransportError
+from google.auth.transport.requests import AuthorizedSession
 from google.oauth2.credentials import Credentials
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
@@ -108,9 +110,12 @@ class GmailMailbox:
         self._config = config
         self._credentials = credentials
         self._saved_token = credentials.token
-        # httplib2 silently re-sends a request (POSTs included) when reading its answer fails;
-        # a send must go out at most once per attempt, so every repeat is decided in retry.py.
+        # httplib2 re-sends a request, POSTs included, when its connection closes without an
+        # answer ("stale connection"), whatever RETRIES says. Reads may be repeated; a send must
+        # not: the client library still builds the send request, but it goes out over requests
+        # (google-auth's AuthorizedSession), which never re-sends a POST by itself.
         httplib2.RETRIES = 1
+        self._send_session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
         http = google_auth_httplib2.AuthorizedHttp(
             credentials, http=httplib2.Http(timeout=config.timeout_seconds)
         )
@@ -218,6 +223,7 @@ class GmailMailbox:
     def close(self) -> None:
         """Close the HTTP connections."""
         self._service.close()
+        self._send_session.close()  # type: ignore[no-untyped-call]
 
     def persist_refreshed_token(self) -> None:
         """Write the token file back if the client refreshed the access token meanwhile.
@@ -257,8 +263,28 @@ class GmailMailbox:
         body = {"raw": base64.urlsafe_b64encode(raw).decode("ascii"), "threadId": thread_id}
         # Not a media upload: the client builds upload URLs with https even for an http endpoint.
         request = self._service.users().messages().send(userId=self._user, body=body)
-        sent = self._call(request, retry=False)
-        return str(sent["id"])
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        try:
+            response = self._send_session.request(  # type: ignore[no-untyped-call]
+                request.method,
+                request.uri,
+                data=request.body,
+                headers=headers,
+                timeout=self._config.timeout_seconds,
+            )
+        except RefreshError as exc:
+            raise GmailAuthError(_refresh_problem(exc)) from None
+        except (requests.RequestException, TransportError) as exc:
+            raise TransientServiceError(
+                "Gmail", f"send failed, maybe after Gmail took it ({type(exc).__name__}: {exc})"
+            ) from None
+        if response.status_code == 401:
+            raise GmailAuthError(f"Gmail rejected the credentials (401): {_json_error(response)}")
+        if response.status_code >= 400:
+            raise TransientServiceError(
+                "Gmail", f"HTTP {response.status_code}: {_json_error(response)}"
+            )
+        return str(response.json()["id"])
 
     def find_sent_reply(self, thread_id: str, message_id: str) -> str | None:
         """The Gmail id of our reply with Message-ID ``message_id``, if it exists.
@@ -379,6 +405,16 @@ def _http_error_detail(exc: HttpError) -> str:
     except (ValueError, KeyError, TypeError):
         message = exc.resp.reason or "no detail"
     reason = _http_error_reason(exc)
+    return f"{message} ({reason})" if reason else message
+
+
+def _json_error(response: requests.Response) -> str:
+    try:
+        error = response.json()["error"]
+        reason = error.get("errors", [{}])[0].get("reason", "")
+        message = str(error["message"])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return response.reason or "no detail"
     return f"{message} ({reason})" if reason else message
 
 

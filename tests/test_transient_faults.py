@@ -140,14 +140,6 @@ def test_transient_fault_ends_in_exactly_one_reply(
     _assert_exactly_one_reply(sandbox, message_id, thread_id)
 
 
-_HTTPLIB2_RESENDS = pytest.mark.xfail(
-    strict=True,
-    reason="httplib2 (under googleapiclient) silently re-sends any request, POST included, "
-    "whose connection closed without a status line (BadStatusLine on the first try), so a "
-    "messages.send that Gmail carried out but whose answer was lost is sent twice",
-)
-
-
 @pytest.mark.parametrize(
     ("kind", "after"),
     [
@@ -155,7 +147,7 @@ _HTTPLIB2_RESENDS = pytest.mark.xfail(
         pytest.param("503-burst", False, id="503-before-sending"),
         pytest.param("503-burst", True, id="503-after-sending"),
         pytest.param("drop", False, id="drop-before-sending"),
-        pytest.param("drop", True, id="drop-after-sending", marks=_HTTPLIB2_RESENDS),
+        pytest.param("drop", True, id="drop-after-sending"),
         pytest.param("timeout", True, id="timeout-after-sending"),
     ],
 )
