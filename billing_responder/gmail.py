@@ -295,7 +295,8 @@ class GmailMailbox:
         thread = self._call(
             self._service.users().threads().get(
                 userId=self._user, id=thread_id, format="metadata", metadataHeaders=["Message-ID"]
-            )
+            ),
+            not_found=lambda: MessageGoneError(f"thread {thread_id} no longer exists (404)"),
         )
         for message in thread.get("messages", []):
             for header in message.get("payload", {}).get("headers", []):
@@ -319,7 +320,8 @@ class GmailMailbox:
             "removeLabelIds": [self._label_ids.get(name, name) for name in remove],
         }
         self._call(
-            self._service.users().messages().modify(userId=self._user, id=message_id, body=body)
+            self._service.users().messages().modify(userId=self._user, id=message_id, body=body),
+            not_found=lambda: MessageGoneError(f"message {message_id} no longer exists (404)"),
         )
 
     # -- error mapping ----------------------------------------------------------------------------

@@ -71,6 +71,14 @@ _MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # When Gmail accepted the reply, set once: the limits count replies by it.
+        "0003_sent_at",
+        """
+        ALTER TABLE messages ADD COLUMN sent_at TEXT;
+        UPDATE messages SET sent_at = updated_at WHERE sent_gmail_id IS NOT NULL;
+        """,
+    ),
 ]
 
 
@@ -229,20 +237,22 @@ class SqliteLedger:
 
     def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
         """Gmail accepted the reply."""
-        self._update(gmail_id, state=SENT, sent_gmail_id=sent_gmail_id, last_error=None)
+        self._update(
+            gmail_id, state=SENT, sent_gmail_id=sent_gmail_id, sent_at=self._clock(),
+            last_error=None,
+        )
 
     def record_done(self, gmail_id: str) -> None:
         """The thread is labelled: the message is completely handled."""
         self._update(gmail_id, state=DONE, last_error=None)
 
-    # -- replies already sent (for limits.py) -----------------------------------------------------
-    # A reply row's updated_at is set when Gmail accepted it and, a moment later, when labelled.
+    # -- replies already sent, or possibly sent (for limits.py) ------------------------------------
 
     def last_reply_to(self, sender: str) -> datetime | None:
         """When a reply last went to ``sender`` (case-insensitive), if ever."""
         row = self._db.execute(
-            "SELECT MAX(updated_at) FROM messages"
-            " WHERE sent_gmail_id IS NOT NULL AND lower(sender) = lower(?)",
+            "SELECT MAX(sent_at) FROM messages"
+            " WHERE sent_at IS NOT NULL AND lower(sender) = lower(?)",
             (sender,),
         ).fetchone()
         return datetime.fromisoformat(row[0]) if row and row[0] else None
@@ -250,18 +260,32 @@ class SqliteLedger:
     def replied_in_thread(self, thread_id: str) -> bool:
         """Whether a reply was ever sent in this thread."""
         row = self._db.execute(
-            "SELECT 1 FROM messages WHERE thread_id = ? AND sent_gmail_id IS NOT NULL LIMIT 1",
+            "SELECT 1 FROM messages WHERE thread_id = ? AND sent_at IS NOT NULL LIMIT 1",
             (thread_id,),
         ).fetchone()
         return row is not None
 
     def replies_since(self, since: datetime) -> int:
-        """How many replies were sent since ``since``."""
+        """How many replies were sent since ``since``, counting those in doubt (``sending``)."""
         row = self._db.execute(
-            "SELECT COUNT(*) FROM messages WHERE sent_gmail_id IS NOT NULL AND updated_at >= ?",
-            (since.astimezone(UTC).isoformat(timespec="seconds"),),
+            "SELECT COUNT(*) FROM messages WHERE sent_at >= :since"
+            " OR (state = :sending AND updated_at >= :since)",
+            {"since": since.astimezone(UTC).isoformat(timespec="seconds"), "sending": SENDING},
         ).fetchone()
         return int(row[0])
+
+    def reply_in_doubt(self, sender: str, thread_id: str, other_than: str) -> bool:
+        """Whether another message's reply to this sender or thread may have gone out unseen.
+
+        A send whose answer was lost leaves its row ``sending`` until a later cycle finds the
+        reply (or not); until then the limits cannot know whether this sender was answered.
+        """
+        row = self._db.execute(
+            "SELECT 1 FROM messages WHERE state = ? AND gmail_id != ?"
+            " AND (thread_id = ? OR lower(sender) = lower(?)) LIMIT 1",
+            (SENDING, other_than, thread_id, sender),
+        ).fetchone()
+        return row is not None
 
     def record_failure(self, gmail_id: str, thread_id: str, error: str) -> int:
         """A transient failure: the message stays for the next cycle; returns its failure count."""

@@ -35,7 +35,9 @@ def setup_logging(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # stripe-python and the Google client log request lines (with query strings) at INFO/DEBUG.
-    for noisy in ("stripe", "googleapiclient", "google_auth_httplib2", "apscheduler"):
+    # "google" too: google-auth's request logging at DEBUG would include a send's raw body,
+    # which holds the portal URL.
+    for noisy in ("stripe", "google", "googleapiclient", "google_auth_httplib2", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -431,6 +431,11 @@ class Responder:
             if old is not None:
                 return _with_reason(decision, Action.SKIP, old)
         if decision.action is Action.REPLY and decision.sender is not None:
+            if self.ledger.reply_in_doubt(decision.sender, message.thread_id, message.id):
+                # Wait until that send is resolved rather than risk a second reply.
+                raise TransientServiceError(
+                    "ledger", "another reply to this sender or thread is not resolved yet"
+                )
             blocked = reply_blocked(self.ledger, decision.sender, message.thread_id, now, limits)
             if blocked is not None:
                 return _with_reason(decision, *blocked)
@@ -510,6 +515,11 @@ class Responder:
         )
         try:
             return self._escalate(ref, decision)
+        except MessageGoneError:
+            # Deleted from the mailbox: nothing left to answer or label, ever.
+            gone = replace(decision, action=Action.SKIP, reasons=(*decision.reasons, "gone (404)"))
+            self.ledger.record_final(ref.id, ref.thread_id, gone)
+            return Outcome(ref, Status.SKIPPED, gone)
         except TransientServiceError as exc:
             log.warning("message %s: cannot escalate yet: %s", ref.id, exc)
             return Outcome(ref, Status.DEFERRED, error=error)

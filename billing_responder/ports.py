@@ -136,3 +136,6 @@ class Ledger(Protocol):
 
     def replies_since(self, since: datetime) -> int:
         """How many replies were sent since ``since``."""
+
+    def reply_in_doubt(self, sender: str, thread_id: str, other_than: str) -> bool:
+        """Whether another message's reply to this sender or thread may have gone out unseen."""

@@ -251,3 +251,28 @@ class TestLoopProtection:
         assert sandbox.gmail.sent_messages() == []
         entry = _ledger(sandbox).get(message_id)
         assert entry is not None and any("our own automatic replies" in r for r in entry.reasons)
+
+
+class TestInDoubtSends:
+    def test_lost_send_answer_holds_back_other_mail_from_that_sender(
+        self, sandbox: Sandbox, fast_retries: None
+    ) -> None:
+        """While a reply to Ada may have gone out unseen, her next email waits; in the end she gets one reply."""
+        sandbox.stripe.add_customer("ada@example.com")
+        first, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice 1", "?"))
+        sandbox.gmail.inject_fault(Fault(503, method="POST", path="/messages/send", after=True))
+        assert "1 deferred" in sandbox.cli("once").stdout
+        second, _ = sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice 2", "?"))
+
+        held = sandbox.cli("once")
+
+        assert held.code == 0
+        assert len(sandbox.gmail.sent_messages()) == 1
+        entry = _ledger(sandbox).get(second)
+        assert entry is not None and "not resolved yet" in (entry.last_error or "")
+        _time_passes(sandbox, 3600)
+        sandbox.cli("once")
+        assert len(sandbox.gmail.sent_messages()) == 1
+        assert REPLIED in sandbox.gmail.message_label_names(first)
+        resolved = _ledger(sandbox).get(second)
+        assert resolved is not None and any("rate-limited" in r for r in resolved.reasons)

@@ -558,17 +558,20 @@ def _ledger(sandbox: Sandbox) -> SqliteLedger:
 
 def _time_passes(sandbox: Sandbox, seconds: float = 3600) -> None:
     """Move every ledger timestamp back, as if ``seconds`` had passed since it was written."""
+    shift = timedelta(seconds=seconds)
+
+    def earlier(value: str | None) -> str | None:
+        if value is None:
+            return None
+        return (datetime.fromisoformat(value) - shift).isoformat(timespec="seconds")
+
     db = sqlite3.connect(sandbox.folder / "state.db")
     with db:
-        for gmail_id, created, updated in db.execute(
-            "SELECT gmail_id, created_at, updated_at FROM messages"
-        ).fetchall():
-            shift = timedelta(seconds=seconds)
+        rows = db.execute("SELECT gmail_id, created_at, updated_at, sent_at FROM messages")
+        for gmail_id, created, updated, sent in rows.fetchall():
             db.execute(
-                "UPDATE messages SET created_at = ?, updated_at = ? WHERE gmail_id = ?",
-                ((datetime.fromisoformat(created) - shift).isoformat(timespec="seconds"),
-                 (datetime.fromisoformat(updated) - shift).isoformat(timespec="seconds"),
-                 gmail_id),
+                "UPDATE messages SET created_at = ?, updated_at = ?, sent_at = ? WHERE gmail_id = ?",
+                (earlier(created), earlier(updated), earlier(sent), gmail_id),
             )
     db.close()
 
