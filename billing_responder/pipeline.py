@@ -30,7 +30,6 @@ from billing_responder.errors import (
     TransientServiceError,
 )
 from billing_responder.limits import Limits, next_attempt, reply_blocked, too_old
-from billing_responder.logs import mask_address
 from billing_responder.model import (
     DONE,
     SENDING,
@@ -416,7 +415,7 @@ class Responder:
         self._label_replied(ref)
         log.info(
             "replied to %s (%s) in thread %s with a portal link for %s",
-            mask_address(sender), ref.id, ref.thread_id, customer.id,
+            sender, ref.id, ref.thread_id, customer.id,
         )
         return Outcome(ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"]))
 
@@ -490,7 +489,7 @@ class Responder:
         self.ledger.record_final(ref.id, ref.thread_id, decision)
         log.info(
             "escalated %s from %s to a person: %s",
-            ref.id, mask_address(decision.sender or ""), "; ".join(decision.reasons),
+            ref.id, decision.sender or "an unknown sender", "; ".join(decision.reasons),
         )
         return Outcome(ref, Status.ESCALATED, decision)
 
