@@ -32,6 +32,7 @@ from billing_responder.errors import (
 from billing_responder.logs import setup_logging
 from billing_responder.mail import message_from_bytes
 from billing_responder.pipeline import QUIET, Outcome, Status, triage_message
+from billing_responder.triage import authentication_report
 
 log = logging.getLogger("billing_responder")
 
@@ -157,8 +158,12 @@ def _explain(args: argparse.Namespace) -> int:
         raw = args.file.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    decision = triage_message(message_from_bytes(raw), keywords, args.mailbox, authserv_id)
-    print(json.dumps(decision.as_json(), indent=2, ensure_ascii=False))
+    message = message_from_bytes(raw)
+    decision = triage_message(message, keywords, args.mailbox, authserv_id)
+    shown = decision.as_json() | {
+        "authentication": authentication_report(message, (authserv_id,)).as_json()
+    }
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     return EXIT_OK
 
 

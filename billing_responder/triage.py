@@ -20,21 +20,26 @@ stays in the inbox as it was). Every skip reason that applies is listed:
   ``X-Apple-Action: VACATION`` (iCloud); a null ``Return-Path: <>`` (RFC 5321 4.5.5: bounces have
   no return path) or a null From; a mail-system or no-reply address (MAILER-DAEMON, postmaster,
   no-reply, do-not-reply, owner-*, *-request, ...) in From, Sender or Return-Path (RFC 3834 and
-  Sieve vacation, RFC 5230 4.5); a subject that opens like a bounce or an out-of-office;
+  Sieve vacation, RFC 5230 4.5); a subject that opens like a bounce or an out-of-office.
+
+**escalate** -- billing mail we would answer but cannot safely answer automatically, so a person
+should look (it gets the needs-human label; no link is sent):
+
 - its sender is not authenticated: the first ``Authentication-Results`` header written by a
   trusted server (Gmail's ``mx.google.com`` by default; the topmost is the receiving server's own,
   anything below it is the sender's to forge) does not report ``dmarc=pass`` for the From domain,
-  or, when there is no DMARC result, a ``dkim=pass`` or ``spf=pass`` aligned with it. An
-  unauthenticated From is a claim nobody vouched for: it is how forged mail and the last
-  marker-less bounces reach a responder, and a portal link must not be sent on its strength.
+  or, when the domain publishes no DMARC policy, a ``dkim=pass`` or ``spf=pass`` aligned with it.
+  An unauthenticated From is a claim nobody vouched for -- forged mail, or a customer whose mail
+  system is misconfigured -- and a portal link must not be sent on its strength;
+- no single sender to answer: no From, several From headers, several addresses, group syntax, an
+  unparseable or non-ASCII address (:func:`~billing_responder.mail.sender_address`);
+- a reply to one of our own automatic replies (a customer answering the portal link needs a
+  person, not a second link);
+- headers larger than :attr:`TriagePolicy.max_header_bytes`.
 
-**escalate** -- billing mail we would answer but cannot safely answer automatically, so a person
-should look: no From, several From headers, several addresses, group syntax, an unparseable or
-non-ASCII address (:func:`~billing_responder.mail.sender_address`); a reply to one of our own
-automatic replies (a customer answering the portal link needs a person, not a second link);
-headers larger than :attr:`TriagePolicy.max_header_bytes`. Escalation applies only when no skip
-reason does: automated or unauthenticated mail is never escalated. (Huge values cannot make the
-checks slow: address headers over a few kilobytes are refused unparsed, see
+Escalation applies only when no skip reason does: automated mail is never escalated, so bounces
+and auto-replies never fill the needs-human queue. (Huge values cannot make the checks slow:
+address headers over a few kilobytes are refused unparsed, see
 :data:`~billing_responder.mail.MAX_ADDRESS_HEADER_CHARS`.)
 
 **reply** -- every check passed. A missing or malformed Message-ID does not block a reply: the
@@ -129,7 +134,11 @@ def decide(
     elif policy.require_authentication:
         passed, authenticated = sender_authentication(message, sender, policy.trusted_authserv_ids)
         if not passed:
-            skip.append(f"sender {sender} is not authenticated: {authenticated}")
+            # A person decides: it may be a customer whose mail system is misconfigured, or a
+            # forgery. Either way the From is a claim nobody vouched for, so no link goes out.
+            escalate.append(
+                f"sender {sender} is not authenticated, so no portal link: {authenticated}"
+            )
     ours = [i for i in _ids(message, "In-Reply-To", "References") if is_own_message_id(i)]
     if ours:
         escalate.append(
@@ -375,9 +384,11 @@ def sender_authentication(
     """Whether a trusted receiving server authenticated the domain of ``sender``, and how.
 
     Only the first Authentication-Results header from a trusted server counts. DMARC decides when
-    it was evaluated (``dmarc=pass`` with ``header.from`` equal to the sender's domain); without a
-    DMARC result, a ``dkim=pass`` (``header.d``/``header.i``) or ``spf=pass`` (``smtp.mailfrom``)
-    whose domain is the sender's, a parent or a subdomain of it (relaxed alignment) suffices.
+    the domain has a policy (``dmarc=pass`` with ``header.from`` equal to the sender's domain;
+    ``fail``, ``temperror``, ``permerror`` refuse); without a DMARC result, or with ``dmarc=none``
+    (no policy published), a ``dkim=pass`` (``header.d``/``header.i``) or ``spf=pass``
+    (``smtp.mailfrom``) whose domain is the sender's, a parent or a subdomain of it (relaxed
+    alignment) suffices.
     """
     trusted = tuple(t.lower() for t in trusted_authserv_ids)
     domain = domain_of(sender)
@@ -387,7 +398,11 @@ def sender_authentication(
     if results is None:
         return False, "no Authentication-Results header from " + " or ".join(trusted)
     server = _show(results.authserv_id)
-    dmarc = [r for r in results.results if r.method == "dmarc"]
+    # dmarc=none: the domain publishes no DMARC policy (RFC 7489 11.2), so DMARC cannot decide;
+    # Microsoft's "bestguesspass" says the same with a guess we do not take on trust.
+    dmarc = [
+        r for r in results.results if r.method == "dmarc" and r.result not in _NO_DMARC_POLICY
+    ]
     if dmarc:
         for result in dmarc:
             if result.result == "pass" and result.get("header.from") == domain:
@@ -406,7 +421,12 @@ def sender_authentication(
             continue
         if signer and _aligned(signer, domain):
             return True, f"{server} reports {result.method}=pass for {_show(signer)}"
-    return False, f"{server} reports no passing dmarc, dkim or spf result for {domain}"
+    return False, (
+        f"{server} reports no DMARC policy for {domain} and no dkim or spf pass aligned with it"
+    )
+
+
+_NO_DMARC_POLICY = frozenset({"none", "bestguesspass"})
 
 
 def _trusted_results(
@@ -432,3 +452,50 @@ def _aligned(signer: str, domain: str) -> bool:
         or ("." in signer and domain.endswith("." + signer))
         or signer.endswith("." + domain)
     )
+
+
+@dataclass(frozen=True)
+class AuthenticationReport:
+    """How :func:`sender_authentication` reached its verdict, header by header, for `explain`."""
+
+    sender: str | None
+    authenticated: bool
+    verdict: str
+    #: One line per Authentication-Results header, top to bottom: trusted, or why it was ignored.
+    headers: tuple[str, ...]
+
+    def as_json(self) -> dict[str, object]:
+        """The ``authentication`` object `billing-responder explain` prints."""
+        return {
+            "sender": self.sender,
+            "authenticated": self.authenticated,
+            "verdict": self.verdict,
+            "headers": list(self.headers),
+        }
+
+
+def authentication_report(
+    message: IncomingMessage, trusted_authserv_ids: Iterable[str]
+) -> AuthenticationReport:
+    """The sender-authentication verdict for ``message`` with the part each header played."""
+    trusted = tuple(t.lower() for t in trusted_authserv_ids)
+    lines: list[str] = []
+    found = False
+    for value in message.get_all("Authentication-Results"):
+        parsed = parse_authentication_results(value)
+        shown = _show(value, 160)
+        if parsed is None:
+            lines.append(f"ignored (no authserv-id): {shown}")
+        elif found:
+            lines.append(f"ignored (below the trusted header, so anyone could write it): {shown}")
+        elif parsed.authserv_id in trusted:
+            found = True
+            lines.append(f"trusted (the receiving server's own): {shown}")
+        else:
+            server = _show(parsed.authserv_id)
+            lines.append(f"ignored ({server} is not a trusted authserv-id): {shown}")
+    sender = sender_address(message)
+    if isinstance(sender, SenderProblem):
+        return AuthenticationReport(None, False, f"no single sender: {sender}", tuple(lines))
+    passed, verdict = sender_authentication(message, sender, trusted)
+    return AuthenticationReport(sender, passed, verdict, tuple(lines))

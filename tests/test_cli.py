@@ -50,10 +50,14 @@ def with_subject(raw: bytes, subject: str) -> bytes:
 
 
 class TestExplain:
-    def test_every_real_automated_message_is_skipped_even_about_an_invoice(
+    def test_no_real_automated_message_gets_a_link_even_about_an_invoice(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """`explain` says skip for all of ../shared/corpus/automated, as-is and retitled 'Invoice'."""
+        """`explain` never says reply for ../shared/corpus/automated, as-is or retitled 'Invoice'.
+
+        Each is skipped, except where only the missing sender authentication stands in the way
+        (a bounce forwarded by hand carries no machine marker): that one goes to a person.
+        """
         files = sorted((CORPUS / "automated").glob("*.eml"))
         assert len(files) >= 280, f"corpus missing or incomplete at {CORPUS}"
         wrong: list[str] = []
@@ -62,7 +66,10 @@ class TestExplain:
             retitled.write_bytes(with_subject(path.read_bytes(), "Invoice INV-2041 overdue"))
             for candidate in (path, retitled):
                 result = explain(candidate, capsys)
-                if result["action"] != "skip":
+                authentication = result["authentication"]
+                assert isinstance(authentication, dict)
+                unvouched = result["action"] == "escalate" and not authentication["authenticated"]
+                if result["action"] != "skip" and not unvouched:
                     wrong.append(f"{candidate.name}: {result}")
         assert wrong == []
 
@@ -84,14 +91,42 @@ class TestExplain:
     def test_output_is_json_with_action_and_reasons(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """The printed JSON has exactly the keys action and reasons, reasons a list of strings."""
+        """The printed JSON has the keys action, reasons (a list of strings) and authentication."""
         path = tmp_path / "m.eml"
         path.write_bytes(person_mail("ada@example.com", "Lunch?", "Friday?"))
         result = explain(path, capsys)
-        assert set(result) == {"action", "reasons"}
+        assert set(result) == {"action", "reasons", "authentication"}
         assert result["action"] == "skip"
         reasons = result["reasons"]
         assert isinstance(reasons, list) and reasons and all(isinstance(r, str) for r in reasons)
+
+    def test_authentication_reasoning_names_the_trusted_and_the_ignored_headers(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A forged dmarc=pass below Gmail's failing stamp is shown as ignored, and the verdict is Gmail's."""
+        path = tmp_path / "forged.eml"
+        path.write_bytes(
+            b"Authentication-Results: mx.google.com; dmarc=fail (p=REJECT) header.from=customer.example\n"
+            b"Authentication-Results: evil.test; dmarc=pass header.from=customer.example\n"
+            b"From: CEO <ceo@customer.example>\n"
+            b"Authentication-Results: mx.google.com; dmarc=pass header.from=customer.example\n"
+            b"Subject: Invoice please\n\nhi\n"
+        )
+        result = explain(path, capsys)
+        assert result["action"] == "escalate"
+        assert result["authentication"] == {
+            "sender": "ceo@customer.example",
+            "authenticated": False,
+            "verdict": "mx.google.com reports dmarc=fail for customer.example",
+            "headers": [
+                "trusted (the receiving server's own): mx.google.com; dmarc=fail (p=REJECT)"
+                " header.from=customer.example",
+                "ignored (below the trusted header, so anyone could write it): evil.test;"
+                " dmarc=pass header.from=customer.example",
+                "ignored (below the trusted header, so anyone could write it): mx.google.com;"
+                " dmarc=pass header.from=customer.example",
+            ],
+        }
 
     def test_missing_file_exits_2_with_one_line(self, capsys: pytest.CaptureFixture[str]) -> None:
         """A file that cannot be read is a usage error: exit 2, one line, no traceback."""

@@ -1,9 +1,11 @@
 """Triage against real mail: the shared corpus of machine-generated and human messages.
 
 The corpus lives next to the project (``../shared/corpus``, see its README). Automated messages
-must be skipped as they are, with their Subject rewritten to mention an invoice, and with their
-sender identity (From, Sender, Reply-To, Return-Path) rewritten to a paying customer's address.
-Human messages, with a billing Subject, must be answered. Rewrites happen on the raw bytes.
+must be skipped as they are. With their Subject rewritten to mention an invoice, and with their
+sender identity (From, Sender, Reply-To, Return-Path) rewritten to a paying customer's address,
+they must still get no link: skipped for their markers, or escalated to a person because no
+trusted server authenticated the sender. Human messages, with a billing Subject, must be
+answered. Rewrites happen on the raw bytes.
 """
 
 from __future__ import annotations
@@ -88,10 +90,15 @@ def from_paying_customer(raw: bytes) -> bytes:
     )
 
 
-def is_machine_or_unvouched(reason: str) -> bool:
-    """Whether a skip reason is about automated mail or an unauthenticated sender (the only
-    reasons left once the message is unread, unhandled and mentions an invoice)."""
-    return reason.startswith("automated: ") or " is not authenticated: " in reason
+def never_answered(decision: Decision) -> bool:
+    """Whether a decision sends no link for the only reasons left once the message is unread,
+    unhandled and mentions an invoice: skipped as automated mail, or escalated to a person
+    because no trusted server authenticated its sender."""
+    if decision.action is Action.SKIP:
+        return all(reason.startswith("automated: ") for reason in decision.reasons)
+    if decision.action is Action.ESCALATE:
+        return len(decision.reasons) == 1 and " is not authenticated, " in decision.reasons[0]
+    return False
 
 
 def triage(raw: bytes) -> Decision:
@@ -120,22 +127,20 @@ class TestAutomatedMailIsNeverAnswered:
 
     @pytest.mark.parametrize("path", corpus_params("automated"))
     def test_with_an_invoice_subject(self, path: Path | None) -> None:
-        """A machine-generated message is skipped even when its Subject mentions an invoice."""
+        """A machine-generated message mentioning an invoice gets no link: skipped, or escalated if unvouched."""
         raw = with_invoice_subject(read(path))
         assert message_from_bytes(raw).get("Subject") == "Invoice INV-2024-0042 question"
         decision = triage(raw)
-        assert decision.action is Action.SKIP, decision.reasons
-        assert all(is_machine_or_unvouched(reason) for reason in decision.reasons)
+        assert never_answered(decision), decision
 
     @pytest.mark.parametrize("path", corpus_params("automated"))
     def test_from_a_paying_customer(self, path: Path | None) -> None:
-        """Nothing about the sender lets a machine-generated message through, not even a customer's address."""
+        """A machine-generated message forged to come from a paying customer never gets a link."""
         raw = from_paying_customer(read(path))
         message = message_from_bytes(raw)
         assert message.get_all("From") == ["Paying Customer <customer@customer.example>"]
         decision = triage(raw)
-        assert decision.action is Action.SKIP, decision.reasons
-        assert all(is_machine_or_unvouched(reason) for reason in decision.reasons)
+        assert never_answered(decision), decision
 
     def test_markers_alone_recognise_all_but_the_unmarked(self) -> None:
         """Without the authentication check, automated-mail markers still catch all but one message.

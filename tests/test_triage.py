@@ -360,11 +360,11 @@ class TestAutomatedMarkers:
 
 class TestAuthentication:
     def test_no_authentication_results(self) -> None:
-        """Mail no trusted server vouched for is skipped."""
+        """Billing mail no trusted server vouched for goes to a person, with no link."""
         decision = decided(incoming(drop=("Authentication-Results",)))
-        assert decision.action is Action.SKIP
+        assert decision.action is Action.ESCALATE
         assert decision.reasons == (
-            "sender alice@example.com is not authenticated: "
+            "sender alice@example.com is not authenticated, so no portal link: "
             "no Authentication-Results header from mx.google.com",
         )
 
@@ -374,7 +374,7 @@ class TestAuthentication:
         decision = decided(
             incoming(drop=("Authentication-Results",), Authentication_Results=forged)
         )
-        assert decision.action is Action.SKIP
+        assert decision.action is Action.ESCALATE
         assert has_reason(decision, "no Authentication-Results header from mx.google.com")
 
     def test_only_the_topmost_trusted_header_counts(self) -> None:
@@ -392,14 +392,14 @@ class TestAuthentication:
             ),
         )
         decision = decided(message)
-        assert decision.action is Action.SKIP
+        assert decision.action is Action.ESCALATE
         assert has_reason(decision, "mx.google.com reports dmarc=fail for example.com")
 
     def test_dmarc_pass_for_another_domain(self) -> None:
         """dmarc=pass about a different From domain does not authenticate this sender."""
         other = "mx.google.com; dmarc=pass header.from=example.org"
         decision = decided(incoming(Authentication_Results=other))
-        assert decision.action is Action.SKIP
+        assert decision.action is Action.ESCALATE
         assert has_reason(decision, "dmarc=pass for example.org")
 
     @pytest.mark.parametrize(
@@ -409,10 +409,13 @@ class TestAuthentication:
             "mx.google.com; dkim=pass header.i=@mail.example.com",
             "mx.google.com; spf=pass smtp.mailfrom=bounces@example.com",
             "mx.google.com; spf=fail smtp.mailfrom=x@example.com; dkim=pass header.i=@example.com",
+            "mx.google.com; dkim=pass header.d=example.com; dmarc=none header.from=example.com",
+            "mx.google.com; spf=pass smtp.mailfrom=example.com; dmarc=bestguesspass"
+            " header.from=example.com",
         ],
     )
     def test_aligned_dkim_or_spf_without_dmarc(self, results: str) -> None:
-        """Without a DMARC result, an aligned dkim or spf pass authenticates the sender."""
+        """Without a DMARC result or policy (none), an aligned dkim or spf pass authenticates the sender."""
         assert decided(incoming(Authentication_Results=results)).action is Action.REPLY
 
     @pytest.mark.parametrize(
@@ -423,18 +426,23 @@ class TestAuthentication:
             "mx.google.com; dkim=pass header.d=com",
             "mx.google.com; spf=fail (dmarc=pass header.from=example.com) smtp.mailfrom=example.com",
             "mx.google.com; none",
+            "mx.google.com; dmarc=none header.from=example.com",
+            "mx.google.com; dkim=pass header.d=esp.example.net; dmarc=none header.from=example.com",
+            "mx.google.com; dkim=pass header.d=example.com; dmarc=temperror header.from=example.com",
+            "mx.google.com; dkim=pass header.d=example.com; dmarc=permerror header.from=example.com",
+            "mx.google.com; spf=pass smtp.mailfrom=example.com; dmarc=fail header.from=example.com",
         ],
     )
     def test_unaligned_or_failing_results(self, results: str) -> None:
-        """A pass for some other domain, a pass inside a comment, or no result does not authenticate."""
+        """An unaligned pass, a pass in a comment, no result, or a DMARC verdict but pass does not authenticate."""
         decision = decided(incoming(Authentication_Results=results))
-        assert decision.action is Action.SKIP
+        assert decision.action is Action.ESCALATE
         assert has_reason(decision, "is not authenticated")
 
     def test_a_customer_address_in_from_is_not_enough(self) -> None:
         """A From rewritten to any address, however trusted it looks, needs its own authentication."""
         decision = decided(incoming(From="Paying Customer <customer@customer.example>"))
-        assert decision.action is Action.SKIP
+        assert decision.action is Action.ESCALATE
         assert has_reason(decision, "customer@customer.example is not authenticated")
 
     def test_other_trusted_servers(self) -> None:
@@ -442,7 +450,7 @@ class TestAuthentication:
         policy = TriagePolicy(("invoice",), MAILBOX, trusted_authserv_ids=("mx.example.net",))
         results = "mx.example.net; dmarc=pass header.from=example.com"
         assert decided(incoming(Authentication_Results=results), policy).action is Action.REPLY
-        assert decided(incoming(), policy).action is Action.SKIP
+        assert decided(incoming(), policy).action is Action.ESCALATE
 
     def test_check_can_be_turned_off(self) -> None:
         """require_authentication=False answers unauthenticated mail and says so."""
