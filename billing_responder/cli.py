@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(args.log_level or "WARNING")
             return run_demo(sys.stdout)
         config = load_config(resolve_config_path(args.config))
-        setup_logging(args.log_level or config.logging.level)
+        setup_logging(
+            args.log_level or config.logging.level,
+            mask_addresses=config.logging.mask_addresses,
+        )
         if args.command == "once":
             return _once(config, dry_run=args.dry_run)
         return _run(config, dry_run=args.dry_run)

@@ -7,15 +7,18 @@ print one line and exit 2. Relative paths resolve against the config file's fold
 behaves the same whatever its working directory.
 
 Secrets are never read from this file: the Stripe key comes from ``STRIPE_API_KEY`` or from
-``[stripe] api_key_file`` (a systemd credential, for instance), see :func:`stripe_api_key`.
+``[stripe] api_key_file`` (a systemd credential, for instance), see :func:`stripe_api_key`. A
+``[stripe] api_key``, or any value that looks like a Stripe key, is refused without being echoed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -25,6 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from billing_responder.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Where `--config` points when neither the option nor the environment variable is given.
 DEFAULT_CONFIG_PATH = "config.toml"
@@ -116,6 +121,7 @@ class LoggingConfig:
     """``[logging]``: what the daemon writes to stderr."""
 
     level: str = "INFO"
+    mask_addresses: bool = True
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,12 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Label names go into Gmail search queries (-label:...), so they keep to characters the search
 # syntax leaves alone: letters, digits, "-", "_", "." and "/" for nesting, and single spaces.
 _LABEL_NAME = re.compile(r"^[\w.-]+(?:[ /][\w.-]+)*$")
+# A Stripe secret or restricted key pasted into some value (api_key_file, most likely).
+_STRIPE_SECRET = re.compile(r"(?<![A-Za-z0-9])[sr]k_(?:test|live)_[A-Za-z0-9]{10,}")
+_NOT_HERE = (
+    f"secret keys do not belong in the config file; set {STRIPE_KEY_ENV_VAR} "
+    "or [stripe] api_key_file"
+)
 
 
 def resolve_config_path(cli_value: str | None) -> Path:
@@ -202,16 +214,15 @@ def _parse_section(
 ) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    if name == "stripe" and ("api_key" in values or "secret_key" in values):
-        raise ConfigError(
-            shown,
-            "stripe.api_key",
-            f"secret keys do not belong in the config file; set {STRIPE_KEY_ENV_VAR} "
-            "or [stripe] api_key_file",
-        )
+    secret = next((k for k in ("api_key", "secret_key") if k in values), None)
+    if name == "stripe" and secret is not None:
+        raise ConfigError(shown, f"stripe.{secret}", _NOT_HERE)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         dotted = f"{name}.{key}"
+        # Checked before anything else looks at the value, as no later message may echo it.
+        if any(_STRIPE_SECRET.search(v) for v in _strings(value)):
+            raise ConfigError(shown, dotted, "holds what looks like a Stripe key: " + _NOT_HERE)
         if key not in known:
             raise ConfigError(
                 shown, dotted, f"unknown key (known keys in [{name}]: {', '.join(known)})"
@@ -262,6 +273,14 @@ def _coerce(value: Any, hint: Any, dotted: str, shown: str, base: Path) -> Any: 
             raise ConfigError(shown, dotted, "must be a list of strings, e.g. [\"a\", \"b\"]")
         return tuple(value)
     raise AssertionError(f"config field {dotted} has an unsupported type {hint!r}")
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
 
 
 def _toml_type(value: Any) -> str:
@@ -360,10 +379,17 @@ def stripe_api_key(config: Config) -> str:
         )
     try:
         key = key_file.read_text(encoding="utf-8").strip()
+        mode = stat.S_IMODE(key_file.stat().st_mode)
     except OSError as exc:
         raise ConfigError(shown, "stripe.api_key_file", f"cannot read {key_file}: {exc}") from None
     if not key:
         raise ConfigError(shown, "stripe.api_key_file", f"{key_file} is empty")
+    if mode & 0o077:
+        log.warning(
+            "the Stripe key file %s is open to other users (mode %04o); make it readable by "
+            "its owner only: chmod 600 %s",
+            key_file, mode, key_file,
+        )
     return _checked_key(key, shown, "stripe.api_key_file")
 
 

@@ -116,11 +116,13 @@ class SqliteLedger:
                 )
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.exists()
+            if not self.path.exists():
+                # The ledger holds customers' addresses: readable by the service user only, from
+                # its first byte (a chmod after SQLite created it would leave a moment to open it
+                # and keep reading). SQLite gives its -wal and -shm files the same mode.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+                os.chmod(self.path, 0o600)  # exactly, whatever the umask
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            if fresh:
-                # The ledger holds customers' addresses: readable by the service user only.
-                os.chmod(self.path, 0o600)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
         db.row_factory = sqlite3.Row

@@ -2,8 +2,11 @@
 
 Portal URLs never reach a log call at all (the pipeline never passes one). Addresses do, in
 messages and in triage reasons, so the formatter masks every address-shaped string in the final
-line: logs end up in the journal and in bug reports, where a customer's address does not belong.
-The owner-facing outputs (the dry-run review, `once`'s report on stdout) show them in full.
+line, at every level: logs end up in the journal and in bug reports, where a customer's address
+does not belong. URL-encoded addresses count too: urllib3's DEBUG request lines carry Stripe
+lookups such as ``/v1/customers?email=ada%40example.com``. ``[logging] mask_addresses = false``
+turns masking off, for an owner who needs to match log lines to customers. The owner-facing
+outputs (the dry-run review, `once`'s report on stdout) always show addresses in full.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ import logging
 import re
 import sys
 
-_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+_DOMAIN = r"(?P<{}>[\w-]+(?:\.[\w-]+)+)"
+_ADDRESS = re.compile(
+    # As written: any RFC 5322 atext in the local part.
+    r"(?P<local>[\w.!#$%&'*+/=?^`{|}~-]+)@" + _DOMAIN.format("domain")
+    # URL-encoded, "@" as %40: the run stops at an unencoded URL delimiter (? = & /).
+    + r"|(?P<encoded>[\w.!$%'*+~-]+)%40" + _DOMAIN.format("edomain")
+)
+# An encoded quote or colon inside that run ends what came before the address: a search query's
+# email%3A%22ada%40example.com%22 (email:"ada@example.com") keeps its shape.
+_ENCODED_DELIMITER = re.compile(r"%(?:22|3A)", re.IGNORECASE)
 
 
 def mask_address(address: str) -> str:
@@ -23,10 +35,24 @@ def mask_address(address: str) -> str:
     return f"{local[0]}***@{domain}"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Log to stderr at ``level``; quiet the client libraries' own chatter."""
+def mask_addresses_in(text: str) -> str:
+    """``text`` with every address masked; a URL-encoded one stays encoded (``a***%40x.com``)."""
+
+    def masked(match: re.Match[str]) -> str:
+        if match["local"] is not None:
+            return mask_address(match[0])
+        run = match["encoded"]
+        cut = max((d.end() for d in _ENCODED_DELIMITER.finditer(run)), default=0)
+        return f"{run[:cut]}{run[cut:cut + 1]}***%40{match['edomain']}"
+
+    return _ADDRESS.sub(masked, text)
+
+
+def setup_logging(level: str = "INFO", *, mask_addresses: bool = True) -> None:
+    """Log to stderr at ``level``, addresses masked unless told not to; quiet the clients."""
     handler = _OwnHandler(sys.stderr)
-    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(MaskingFormatter(line) if mask_addresses else logging.Formatter(line))
     root = logging.getLogger()
     # Replace only our own handler, so calling this twice (tests, the demo) never doubles lines
     # and handlers others installed (pytest's capture) stay.
@@ -49,4 +75,4 @@ class MaskingFormatter(logging.Formatter):
     """A formatter that masks every email address in the formatted line (tracebacks included)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return _ADDRESS.sub(lambda m: mask_address(m.group(0)), super().format(record))
+        return mask_addresses_in(super().format(record))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from billing_responder.cli import main
 from billing_responder.config import load_config, resolve_config_path, stripe_api_key
 from billing_responder.errors import ConfigError
 
@@ -110,6 +112,10 @@ class TestErrorsNameFileAndKey:
              "limits.per_sender_hours", "greater than 0"),
             ('[stripe]\nreturn_url = "https://x.test"\n[triage]\nmax_age_days = 0\n',
              "triage.max_age_days", "greater than 0"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[logging]\nmask_addresses = "no"\n',
+             "logging.mask_addresses", "true or false"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[logging]\nmask_addresses = 0\n',
+             "logging.mask_addresses", "true or false"),
         ],
     )
     def test_bad_value_names_file_key_and_problem(
@@ -134,7 +140,68 @@ class TestErrorsNameFileAndKey:
             load_config(write(tmp_path, "[stripe\n"))
 
 
+class TestLoggingSection:
+    def test_mask_addresses_is_on_unless_turned_off(self, tmp_path: Path) -> None:
+        """[logging] mask_addresses defaults to true; false is taken as written."""
+        assert load_config(write(tmp_path, MINIMAL)).logging.mask_addresses is True
+        text = MINIMAL + "[logging]\nmask_addresses = false\n"
+        assert load_config(write(tmp_path, text)).logging.mask_addresses is False
+
+    def test_a_wrong_mask_addresses_type_exits_2_naming_file_and_key(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`once` with mask_addresses = "yes" exits 2 with one line naming the file and the key."""
+        path = write(tmp_path, MINIMAL + '[logging]\nmask_addresses = "yes"\n')
+        assert main(["--config", str(path), "once"]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and "logging.mask_addresses" in err
+        assert len(err.strip().splitlines()) == 1
+
+
 class TestStripeKey:
+    @pytest.mark.parametrize("key", ["api_key", "secret_key"])
+    def test_a_key_in_the_config_file_is_refused_without_echoing_it(
+        self, tmp_path: Path, key: str
+    ) -> None:
+        """[stripe] api_key is an error that says where the key goes instead, and not the key."""
+        secret = "sk_live_DoNotEchoMe1234567890"
+        path = write(tmp_path, f'[stripe]\nreturn_url = "https://x.test"\n{key} = "{secret}"\n')
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.key == f"stripe.{key}"
+        assert "STRIPE_API_KEY" in str(caught.value) and "api_key_file" in str(caught.value)
+        assert secret not in str(caught.value)
+
+    @pytest.mark.parametrize(
+        ("section", "key"),
+        [("stripe", "api_key_file"), ("stripe", "portal_configuration"), ("reply", "signature"),
+         ("stripe", "api_kee")],
+    )
+    def test_a_key_pasted_into_any_value_is_refused_without_echoing_it(
+        self, tmp_path: Path, section: str, key: str
+    ) -> None:
+        """A value that looks like a Stripe key is refused wherever it is, naming only the key."""
+        secret = "rk_live_DoNotEchoMe1234567890"
+        header = "" if section == "stripe" else f"[{section}]\n"
+        text = f'[stripe]\nreturn_url = "https://x.test"\n{header}{key} = "{secret}"\n'
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.key == f"{section}.{key}"
+        assert "STRIPE_API_KEY" in str(caught.value)
+        assert secret not in str(caught.value)
+
+    def test_a_key_in_the_config_file_makes_once_exit_2_without_printing_it(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The command refuses to start: exit 2, one line, the key nowhere in the output."""
+        secret = "sk_test_DoNotEchoMe1234567890"
+        path = write(tmp_path, MINIMAL.replace("[stripe]\n", f'[stripe]\napi_key = "{secret}"\n'))
+        assert main(["--config", str(path), "once"]) == 2
+        out, err = capsys.readouterr()
+        assert "stripe.api_key" in err and "STRIPE_API_KEY" in err
+        assert secret not in out + err
+
     def test_environment_variable_wins(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """STRIPE_API_KEY is used when set, before any key file."""
         (tmp_path / "k").write_text("rk_test_file\n")
@@ -150,6 +217,35 @@ class TestStripeKey:
         (tmp_path / "stripe.key").write_text("rk_test_file\n")
         text = '[stripe]\nreturn_url = "https://x.test"\napi_key_file = "stripe.key"\n'
         assert stripe_api_key(load_config(write(tmp_path, text))) == "rk_test_file"
+
+    def test_a_key_file_open_to_others_logs_a_warning_without_the_key(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A group- or world-readable key file still works, with a WARNING naming file and mode."""
+        monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+        key_file = tmp_path / "stripe.key"
+        key_file.write_text("rk_test_SECRETKEYFILE0123456789\n")
+        key_file.chmod(0o640)
+        text = '[stripe]\nreturn_url = "https://x.test"\napi_key_file = "stripe.key"\n'
+        with caplog.at_level(logging.WARNING):
+            assert stripe_api_key(load_config(write(tmp_path, text))).startswith("rk_test_")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert str(key_file) in warnings[0] and "0640" in warnings[0]
+        assert "SECRETKEYFILE" not in caplog.text
+
+    def test_an_owner_only_key_file_logs_no_warning(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Mode 0600 (or systemd's 0400 credential) is what is expected: nothing is logged."""
+        monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+        key_file = tmp_path / "stripe.key"
+        key_file.write_text("rk_test_file\n")
+        key_file.chmod(0o400)
+        text = '[stripe]\nreturn_url = "https://x.test"\napi_key_file = "stripe.key"\n'
+        with caplog.at_level(logging.DEBUG):
+            stripe_api_key(load_config(write(tmp_path, text)))
+        assert caplog.records == []
 
     def test_no_key_anywhere_is_a_config_error(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

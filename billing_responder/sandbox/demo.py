@@ -31,8 +31,10 @@ def write_sandbox_config(folder: Path, gmail: GmailEmulator, stripe: StripeEmula
         "client_secret": "sandbox-client-secret",
         "token_uri": f"{gmail.url}/token",
     }
-    (folder / "token.json").write_text(json.dumps(token), encoding="utf-8")
-    (folder / "stripe.key").write_text(DEFAULT_API_KEY, encoding="utf-8")
+    for name, text in (("token.json", json.dumps(token)), ("stripe.key", DEFAULT_API_KEY)):
+        # As a deployment keeps them: readable by the service user only (else a warning).
+        (folder / name).write_text(text, encoding="utf-8")
+        (folder / name).chmod(0o600)
     config = f"""\
 [gmail]
 token_file = "token.json"
