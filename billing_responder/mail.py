@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
-from email.errors import HeaderParseError
+from email.errors import HeaderParseError, InvalidHeaderDefect
 from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.policy import Policy
@@ -42,6 +42,10 @@ MAX_SUBJECT_CHARS = 2000
 #: Longest value we hand to the standard library's address parser; longer ones are refused.
 MAX_ADDRESS_HEADER_CHARS = 2_000
 
+#: Deepest nesting of comments, ``(a (b (c)))``, we hand to the address parser: it recurses once
+#: per level and a few hundred levels exhaust Python's stack. Real mail nests one or two deep.
+MAX_COMMENT_DEPTH = 20
+
 #: At most this many message ids go into a reply's References (the first and the latest ones).
 MAX_REFERENCES = 20
 
@@ -49,8 +53,11 @@ MAX_REFERENCES = 20
 OWN_MESSAGE_ID_MARKER = "billing-responder"
 
 # The standard library's header parser is known to raise these (and not only HeaderParseError) on
-# hostile input, e.g. IndexError for "user@" or AttributeError for "_.:" on Python 3.11.
-_PARSER_ERRORS = (HeaderParseError, ValueError, IndexError, AttributeError, TypeError)
+# hostile input, e.g. IndexError for "user@" or AttributeError for "_.:" on Python 3.11; and
+# RecursionError, should some nesting other than comments (refused beforehand) go deep.
+_PARSER_ERRORS = (
+    HeaderParseError, ValueError, IndexError, AttributeError, TypeError, RecursionError,
+)  # fmt: skip
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -220,7 +227,8 @@ def mailboxes(value: str) -> tuple[Address, ...] | None:
     """Every mailbox an address header names (groups flattened), or None when it cannot be parsed.
 
     Encoded words in display names are decoded by the parser. Values longer than
-    :data:`MAX_ADDRESS_HEADER_CHARS` are refused rather than fed to a parser with quadratic corners.
+    :data:`MAX_ADDRESS_HEADER_CHARS` are refused rather than fed to a parser with quadratic corners,
+    and so are comments nested deeper than :data:`MAX_COMMENT_DEPTH` (the parser recurses on them).
     """
     parsed = _parse_address_header(value)
     if parsed is None:
@@ -229,7 +237,7 @@ def mailboxes(value: str) -> tuple[Address, ...] | None:
 
 
 def _parse_address_header(value: str) -> tuple[tuple[str | None, tuple[Address, ...]], ...] | None:
-    if len(value) > MAX_ADDRESS_HEADER_CHARS:
+    if len(value) > MAX_ADDRESS_HEADER_CHARS or _comment_depth(value) > MAX_COMMENT_DEPTH:
         return None
     # The parser rejects CR/LF outright; a folded value is one line to it.
     text = " ".join(value.replace("\x00", " ").split())
@@ -242,6 +250,37 @@ def _parse_address_header(value: str) -> tuple[tuple[str | None, tuple[Address, 
     except _PARSER_ERRORS:
         return None
     return groups
+
+
+def _comment_depth(value: str) -> int:
+    """How deep the comments of a structured value nest (quoted strings and escapes respected)."""
+    deepest = depth = 0
+    quoted = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == '"' and not depth:
+            quoted = True
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")" and depth:
+            depth -= 1
+    return deepest
+
+
+def _has_invalid_defect(value: str) -> bool:
+    """Whether the parser had to skip or guess at part of an address header's value."""
+    text = " ".join(value.replace("\x00", " ").split())
+    try:
+        header = policy.default.header_factory("from", text)
+    except _PARSER_ERRORS:
+        return True
+    return any(isinstance(defect, InvalidHeaderDefect) for defect in header.defects)
 
 
 def sender_address(message: IncomingMessage) -> str | SenderProblem:
@@ -276,6 +315,13 @@ def sender_address(message: IncomingMessage) -> str | SenderProblem:
     if not address.username or not address.domain:
         return SenderProblem(
             SenderProblemKind.INCOMPLETE, f"From lacks a local part or domain: {shown!r}"
+        )
+    if _has_invalid_defect(values[0]):
+        # The standard parser recovers from what it cannot read by dropping it: it reads
+        # 'ceo@customer.example <attacker@evil.test>' (what Gmail hands back for an encoded display
+        # name) as ceo@customer.example alone. Whatever it had to guess at is not an address.
+        return SenderProblem(
+            SenderProblemKind.UNPARSEABLE, f"From does not parse strictly: {shown!r}"
         )
     if not address.addr_spec.isascii():
         return SenderProblem(

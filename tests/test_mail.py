@@ -20,6 +20,7 @@ from billing_responder.mail import (
     decode_header_value,
     header_text,
     is_own_message_id,
+    mailboxes,
     message_from_bytes,
     message_ids,
     parse_authentication_results,
@@ -273,6 +274,22 @@ class TestSenderAddress:
         assert isinstance(problem, SenderProblem)
         assert problem.kind is kind
         assert str(problem)
+
+    def test_deeply_nested_comments_are_unparseable_not_a_recursion_error(self) -> None:
+        """Comments nested hundreds deep, on which the parser recurses until Python's stack runs out, make an unparseable From."""
+        value = "(" * 600 + ")" * 600 + " alice@example.com"
+        problem = sender_address(incoming(("From", value)))
+        assert isinstance(problem, SenderProblem)
+        assert problem.kind is SenderProblemKind.UNPARSEABLE
+        assert mailboxes(value) is None
+
+    @pytest.mark.parametrize(
+        "value",
+        ["alice@example.com (a (b (c)))", '"((((((((((((((((((((((((((((((" <alice@example.com>'],
+    )
+    def test_ordinary_comments_and_quoted_parentheses_still_parse(self, value: str) -> None:
+        """Shallow comments, and parentheses inside a quoted name, are no reason to refuse a From."""
+        assert sender_address(incoming(("From", value))) == "alice@example.com"
 
     @given(st.text(max_size=60))
     def test_never_raises(self, value: str) -> None:
