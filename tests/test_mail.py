@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
 
@@ -553,6 +554,16 @@ class TestAuthenticationResults:
         )
         assert parsed is not None
         assert [(r.method, r.result, r.properties) for r in parsed.results] == [("spf", "fail", ())]
+
+    @pytest.mark.parametrize("filler", ["a", "a.-_"])
+    def test_huge_value_is_parsed_in_linear_time(self, filler: str) -> None:
+        """A 30 KB run of name characters parses in milliseconds (retrying it from each position took half a minute)."""
+        value = f"mx.google.com; {filler * (30_000 // len(filler))}; dmarc=pass header.from=a.com"
+        started = time.perf_counter()
+        parsed = parse_authentication_results(value)
+        assert time.perf_counter() - started < 1.0
+        assert parsed is not None
+        assert [(r.method, r.result) for r in parsed.results][-1] == ("dmarc", "pass")
 
     def test_header_without_authserv_id(self) -> None:
         """A value that starts with a result has no authserv-id and is not trusted."""
