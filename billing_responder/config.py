@@ -42,6 +42,12 @@ class GmailConfig:
     """``[gmail]``: how to reach and authorise against the mailbox."""
 
     token_file: Path = Path("token.json")
+    #: The OAuth client (a "Desktop app" client ID) that `billing-responder auth` authorises with.
+    client_secrets_file: Path = Path("client_secret.json")
+    #: Google Workspace: a service account with domain-wide delegation, acting as delegated_user.
+    #: When set, token_file is not used.
+    service_account_file: Path | None = None
+    delegated_user: str = ""
     token_uri: str = ""
     api_endpoint: str = ""
     user_id: str = "me"
@@ -83,6 +89,7 @@ class LabelsConfig:
 
     replied: str = "billing-responder/replied"
     needs_human: str = "billing-responder/needs-human"
+    drafted: str = "billing-responder/drafted"
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class ReplyConfig:
     from_name: str = ""
     signature: str = "The support team"
     mark_read: bool = False
+    #: "send" the reply, or leave it as a Gmail "draft" in the thread for a person to send.
+    mode: str = "send"
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,26 @@ class LoggingConfig:
 
     level: str = "INFO"
     mask_addresses: bool = True
+    #: "text" (one line per event; priority prefixes under journald) or "json" (one object a line).
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """``[notify]``: how the operator hears that the responder stopped working."""
+
+    #: Sent a short message through the mailbox itself, when Gmail still works for sending.
+    email: str = ""
+    #: Run with the problem in the environment (argv list, no shell), e.g. ["/usr/local/bin/page"].
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the optional Prometheus endpoint."""
+
+    #: "host:port" to serve /metrics on, e.g. "127.0.0.1:9464"; empty: no endpoint.
+    listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +168,8 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -152,14 +183,21 @@ _SECTIONS: dict[str, type[Any]] = {
     "state": StateConfig,
     "schedule": ScheduleConfig,
     "logging": LoggingConfig,
+    "notify": NotifyConfig,
+    "metrics": MetricsConfig,
 }
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+REPLY_MODES = ("send", "draft")
+#: The file name `LoadCredential=` gives the Stripe key (systemd/billing-responder.service).
+STRIPE_CREDENTIAL_NAME = "stripe-api-key"
 # Label names go into Gmail search queries (-label:...), so they keep to characters the search
 # syntax leaves alone: letters, digits, "-", "_", "." and "/" for nesting, and single spaces.
 _LABEL_NAME = re.compile(r"^[\w.-]+(?:[ /][\w.-]+)*$")
 # A Stripe secret or restricted key pasted into some value (api_key_file, most likely).
 _STRIPE_SECRET = re.compile(r"(?<![A-Za-z0-9])[sr]k_(?:test|live)_[A-Za-z0-9]{10,}")
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NOT_HERE = (
     f"secret keys do not belong in the config file; set {STRIPE_KEY_ENV_VAR} "
     "or [stripe] api_key_file"
@@ -314,18 +352,22 @@ def _validate_triage_and_labels(config: Config, shown: str) -> None:
         raise ConfigError(shown, "triage.keywords", "must be a non-empty list of non-empty words")
     if any('"' in k or "(" in k or ")" in k for k in keywords):
         raise ConfigError(shown, "triage.keywords", "keywords may not contain quotes or brackets")
-    for dotted, label in (
+    labels = (
         ("labels.replied", config.labels.replied),
         ("labels.needs_human", config.labels.needs_human),
-    ):
+        ("labels.drafted", config.labels.drafted),
+    )
+    for dotted, label in labels:
         if not _LABEL_NAME.match(label):
             raise ConfigError(
                 shown,
                 dotted,
                 f"{label!r} is not a usable label name (letters, digits, - _ . and / to nest)",
             )
-    if config.labels.replied == config.labels.needs_human:
-        raise ConfigError(shown, "labels.needs_human", "must differ from labels.replied")
+    for position, (dotted, label) in enumerate(labels):
+        for earlier_dotted, earlier in labels[:position]:
+            if label.casefold() == earlier.casefold():
+                raise ConfigError(shown, dotted, f"must differ from {earlier_dotted}")
 
 
 def _validate_numbers(config: Config, shown: str) -> None:
@@ -351,9 +393,41 @@ def _validate_rest(config: Config, shown: str) -> None:
         )
     if config.logging.level.upper() not in _LOG_LEVELS:
         raise ConfigError(shown, "logging.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    _one_of(config.logging.format, LOG_FORMATS, "logging.format", shown)
+    _one_of(config.reply.mode, REPLY_MODES, "reply.mode", shown)
+    gmail = config.gmail
+    if (gmail.service_account_file is None) != (not gmail.delegated_user):
+        raise ConfigError(
+            shown,
+            "gmail.delegated_user" if gmail.service_account_file else "gmail.service_account_file",
+            "service_account_file and delegated_user go together (a service account acts as "
+            "the mailbox's user through domain-wide delegation)",
+        )
+    if gmail.delegated_user and not _ADDRESS.match(gmail.delegated_user):
+        raise ConfigError(shown, "gmail.delegated_user", "must be the mailbox's email address")
+    if config.notify.email and not _ADDRESS.match(config.notify.email):
+        raise ConfigError(shown, "notify.email", "must be one email address")
+    if config.notify.command and not config.notify.command[0].strip():
+        raise ConfigError(shown, "notify.command", "must start with the program to run")
+    if config.metrics.listen:
+        parse_listen(config.metrics.listen, "metrics.listen", shown)
     templates = config.reply.templates_dir
     if templates is not None and not templates.is_dir():
         raise ConfigError(shown, "reply.templates_dir", f"{templates} is not a folder")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], dotted: str, shown: str) -> None:
+    if value not in allowed:
+        raise ConfigError(shown, dotted, f"must be one of {', '.join(repr(a) for a in allowed)}")
+
+
+def parse_listen(value: str, dotted: str, shown: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` → ``("127.0.0.1", 9464)``; ``[::1]:9464`` for IPv6."""
+    host, colon, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(shown, dotted, f"{value!r} is not host:port, e.g. 127.0.0.1:9464")
+    return host, int(port)
 
 
 def _require_url(value: str, dotted: str, shown: str, *, required: bool = False) -> None:
@@ -365,17 +439,24 @@ def _require_url(value: str, dotted: str, shown: str, *, required: bool = False)
 
 
 def stripe_api_key(config: Config) -> str:
-    """The Stripe secret key: ``$STRIPE_API_KEY``, else the file ``[stripe] api_key_file``."""
+    """The Stripe secret key: ``$STRIPE_API_KEY``, else the file ``[stripe] api_key_file``, else
+    the systemd credential ``$CREDENTIALS_DIRECTORY/stripe-api-key`` (``LoadCredential=``)."""
     from_env = os.environ.get(STRIPE_KEY_ENV_VAR, "").strip()
     shown = str(config.path)
     if from_env:
         return _checked_key(from_env, shown, STRIPE_KEY_ENV_VAR)
     key_file = config.stripe.api_key_file
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if key_file is None and credentials:
+        # systemd's LoadCredential=stripe-api-key:... puts the key here for the service only.
+        candidate = Path(credentials) / STRIPE_CREDENTIAL_NAME
+        key_file = candidate if candidate.is_file() else None
     if key_file is None:
         raise ConfigError(
             shown,
             "stripe.api_key_file",
-            f"no Stripe key: set {STRIPE_KEY_ENV_VAR} or point [stripe] api_key_file at a file",
+            f"no Stripe key: set {STRIPE_KEY_ENV_VAR}, point [stripe] api_key_file at a file, "
+            f"or pass the credential {STRIPE_CREDENTIAL_NAME} with systemd's LoadCredential=",
         )
     try:
         key = key_file.read_text(encoding="utf-8").strip()

@@ -116,6 +116,28 @@ class TestErrorsNameFileAndKey:
              "logging.mask_addresses", "true or false"),
             ('[stripe]\nreturn_url = "https://x.test"\n[logging]\nmask_addresses = 0\n',
              "logging.mask_addresses", "true or false"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[logging]\nformat = "xml"\n',
+             "logging.format", "must be one of 'text', 'json'"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[reply]\nmode = "Draft"\n',
+             "reply.mode", "must be one of 'send', 'draft'"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[labels]\ndrafted = "Billing-Responder/Replied"\n',
+             "labels.drafted", "must differ from labels.replied"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[gmail]\nservice_account_file = "sa.json"\n',
+             "gmail.delegated_user", "go together"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[gmail]\ndelegated_user = "a@b.example"\n',
+             "gmail.service_account_file", "go together"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[gmail]\nservice_account_file = "sa.json"\n'
+             'delegated_user = "support"\n', "gmail.delegated_user", "email address"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[notify]\nemail = "ops, dev@x.example"\n',
+             "notify.email", "one email address"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[notify]\ncommand = "page-me --now"\n',
+             "notify.command", "list of strings"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[notify]\ncommand = [""]\n',
+             "notify.command", "program to run"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[metrics]\nlisten = "9464"\n',
+             "metrics.listen", "host:port"),
+            ('[stripe]\nreturn_url = "https://x.test"\n[metrics]\nlisten = "localhost:99999"\n',
+             "metrics.listen", "host:port"),
         ],
     )
     def test_bad_value_names_file_key_and_problem(
@@ -247,11 +269,27 @@ class TestStripeKey:
             stripe_api_key(load_config(write(tmp_path, text)))
         assert caplog.records == []
 
+    def test_systemd_credential_is_read_when_nothing_else_names_a_key(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With LoadCredential=stripe-api-key:..., the key is read from $CREDENTIALS_DIRECTORY."""
+        monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        (credentials / "stripe-api-key").write_text("rk_live_fromcredential\n")
+        (credentials / "stripe-api-key").chmod(0o400)
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+        assert stripe_api_key(load_config(write(tmp_path, MINIMAL))) == "rk_live_fromcredential"
+        (tmp_path / "stripe.key").write_text("rk_test_file\n")
+        text = '[stripe]\nreturn_url = "https://x.test"\napi_key_file = "stripe.key"\n'
+        assert stripe_api_key(load_config(write(tmp_path, text))) == "rk_test_file"
+
     def test_no_key_anywhere_is_a_config_error(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Without the variable or a key file, the error says how to provide the key."""
         monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "no-credentials-here"))
         config = load_config(write(tmp_path, MINIMAL))
         with pytest.raises(ConfigError, match="STRIPE_API_KEY"):
             stripe_api_key(config)
