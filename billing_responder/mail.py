@@ -439,26 +439,29 @@ class _SubjectHeader(UnstructuredHeader, BaseHeader):
     Python 3.11 folds a long non-ASCII subject into encoded words and can drop the space between
     two of them (readers ignore white space between encoded words). Ours, already one clean line
     (:func:`header_text`), is folded at its spaces when ASCII and otherwise sent as a run of UTF-8
-    encoded words that carry their spaces inside them.
+    encoded words that carry their spaces inside them. An ASCII word too long for any line
+    (RFC 5322 2.1.1: 998 characters) cannot be folded, so such a subject is sent encoded too.
     """
 
     def fold(self, *, policy: Policy) -> str:
         """The header folded to lines of at most 78 characters where the words allow."""
         text = str(self)
+        first = f"{self.name}:"
+        lines = [first]
         if text.isascii():
-            first = f"{self.name}:"
-            lines = [first]
             for word in text.split(" "):
                 if lines[-1] != first and len(lines[-1]) + 1 + len(word) > _FOLD_WIDTH:
                     lines.append("")
                 lines[-1] += " " + word
-        else:
-            lines = [f"{self.name}:", *(" " + word for word in _encoded_words(text))]
+        if not text.isascii() or max(map(len, lines)) > _MAX_LINE:
+            lines = [first, *(" " + word for word in _encoded_words(text))]
             lines[:2] = [lines[0] + lines[1]]
         return policy.linesep.join(lines) + policy.linesep
 
 
 _FOLD_WIDTH = 78
+#: RFC 5322 2.1.1: no line of a message may be longer, line end excluded.
+_MAX_LINE = 998
 # 39 bytes of UTF-8 make 52 base64 characters: "Subject: " plus one word stays within 78.
 _ENCODED_WORD_BYTES = 39
 

@@ -453,6 +453,21 @@ class TestBuildReply:
         contents = [str(p.get_content()).replace("\r\n", "\n") for p in parts]
         assert contents == ["plain ünïcode\n", "<p>html</p>\n"]
 
+    @pytest.mark.parametrize("length", [990, MAX_SUBJECT_CHARS - len("Re: Invoice:")])
+    def test_a_word_too_long_for_any_line_is_sent_encoded(self, length: int) -> None:
+        """A subject word longer than a line may be (998 characters, RFC 5322 2.1.1) is sent as encoded words, and reads back whole."""
+        subject = "Invoice:" + "x" * length
+        reply, _ = reply_to(self.ORIGINAL, subject=subject)
+        assert max(len(line) for line in bytes(reply).split(b"\r\n")) <= 998
+        assert reparse(reply)["Subject"] == "Re: " + subject
+
+    def test_long_ascii_words_that_fit_a_line_stay_readable(self) -> None:
+        """An ASCII subject whose words fit on a line is folded at its spaces, not encoded."""
+        subject = "Invoice " + "x" * 200 + " " + "y" * 100
+        reply, _ = reply_to(self.ORIGINAL, subject=subject)
+        assert b"=?" not in bytes(reply).split(b"\r\n\r\n")[0]
+        assert reparse(reply)["Subject"] == "Re: " + subject
+
     def test_hostile_subject_and_name_cannot_add_headers(self) -> None:
         """CR/LF in the subject or our display name do not start new headers."""
         hostile = "Invoice\r\nBcc: victim@example.com\r\n\r\nbody"
