@@ -1,9 +1,16 @@
 """The `billing-responder` command: parse arguments, load config, call the library, map errors.
 
 Exit codes (a promise to scripts and systemd):
-    0  the command did what it says (a cycle ran; deferred messages do not fail it)
-    1  a fatal error: a service refused us or stayed unreachable after retries
+    0  the command did what it says (a cycle ran; deferred messages do not fail it; `check` found
+       everything ready)
+    1  a fatal error: a service refused us or stayed unreachable after retries (`check`: something
+       is not ready)
     2  bad usage or a bad config: one line names the file, the key and what is wrong
+    3  Gmail authorisation lost (the refresh token expired or was revoked): run
+       `billing-responder auth`; systemd does not restart on it
+
+Each command beyond the polling ones lives in its own module (``authorize``, ``checklist``,
+``sample_reply``, ``history``, ``review``); this one only parses and dispatches.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from billing_responder.config import (
 from billing_responder.errors import (
     BillingResponderError,
     ConfigError,
+    GmailAuthError,
     UsageError,
 )
 from billing_responder.logs import setup_logging
@@ -36,7 +44,8 @@ from billing_responder.triage import authentication_report
 
 log = logging.getLogger("billing_responder")
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_AUTH_LOST = 0, 1, 2, 3
+DECISIONS = ("reply", "skip", "escalate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="override [logging] level",
     )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="override [logging] format"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     once = commands.add_parser(
@@ -66,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="read and decide, but send, label and mint nothing; print what would be sent",
+    )
+    once.add_argument(
+        "--review",
+        metavar="DIR",
+        type=Path,
+        help="with --dry-run: write each would-be reply (.eml and .html) and DIR/index.html",
     )
     run = commands.add_parser("run", help="poll on the configured interval until stopped")
     run.add_argument("--dry-run", action="store_true", help="as for `once`, on every cycle")
@@ -82,6 +100,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("demo", help="run the whole pipeline against the built-in sandbox")
+
+    auth = commands.add_parser(
+        "auth", help="authorise the Gmail mailbox (OAuth) and write [gmail] token_file"
+    )
+    auth.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="print the URL to open instead of opening a browser (a server over an SSH tunnel)",
+    )
+    auth.add_argument(
+        "--port",
+        type=int,
+        default=8765,
+        help="local port Google redirects back to (default 8765; tunnel it with ssh -L)",
+    )
+    auth.add_argument(
+        "--client-secrets",
+        metavar="FILE",
+        type=Path,
+        help="OAuth client JSON (default: [gmail] client_secrets_file)",
+    )
+
+    commands.add_parser("check", help="go-live checklist: config, Gmail, labels, Stripe, ...")
+
+    test_reply = commands.add_parser(
+        "test-reply", help="send one real sample reply, as a customer would get it"
+    )
+    test_reply.add_argument("--to", metavar="ADDRESS", required=True, help="who gets it")
+    test_reply.add_argument(
+        "--customer", metavar="CUS_ID", required=True, help="whose portal the link opens"
+    )
+
+    history = commands.add_parser("history", help="the audit log: what happened to each email")
+    history.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only entries since then: an ISO date/time, or an age such as 2h, 3d, 1w",
+    )
+    history.add_argument("--decision", choices=DECISIONS, help="only entries with this decision")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
+    history.add_argument(
+        "--full", action="store_true", help="show sender addresses in full (masked by default)"
+    )
+    history.add_argument(
+        "--limit", type=int, default=100, metavar="N", help="at most N entries (default 100)"
+    )
     return parser
 
 
@@ -100,30 +164,105 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(
             args.log_level or config.logging.level,
             mask_addresses=config.logging.mask_addresses,
+            log_format=args.log_format or config.logging.format,
         )
-        if args.command == "once":
-            return _once(config, dry_run=args.dry_run)
-        return _run(config, dry_run=args.dry_run)
     except (ConfigError, UsageError) as exc:
         print(f"billing-responder: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("billing-responder: interrupted", file=sys.stderr)
+        return 130
+    try:
+        return _dispatch(config, args)
+    except (ConfigError, UsageError) as exc:
+        print(f"billing-responder: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GmailAuthError as exc:
+        problem = f"Gmail authorisation lost: {exc}"
+        print(f"billing-responder: {problem}", file=sys.stderr)
+        print("billing-responder: to fix it, run: billing-responder auth", file=sys.stderr)
+        _alert(config, args.command, problem, EXIT_AUTH_LOST)
+        return EXIT_AUTH_LOST
     except BillingResponderError as exc:  # FatalServiceError and everything else we raise
         print(f"billing-responder: {exc}", file=sys.stderr)
+        _alert(config, args.command, str(exc), EXIT_FATAL)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print("billing-responder: interrupted", file=sys.stderr)
         return 130
 
 
-def _once(config: Config, *, dry_run: bool) -> int:
+def _dispatch(config: Config, args: argparse.Namespace) -> int:
+    # The imports are per command: `explain` and `history` must not load the API clients.
+    if args.command == "once":
+        if args.review is not None and not args.dry_run:
+            raise UsageError("--review needs --dry-run (it shows replies instead of sending them)")
+        return _once(config, dry_run=args.dry_run, review=args.review)
+    if args.command == "run":
+        return _run(config, dry_run=args.dry_run)
+    if args.command == "auth":
+        from billing_responder.authorize import run_auth  # noqa: PLC0415
+
+        return run_auth(
+            config,
+            open_browser=not args.no_browser,
+            port=args.port,
+            client_secrets=args.client_secrets,
+        )
+    if args.command == "check":
+        from billing_responder.checklist import run_check  # noqa: PLC0415
+
+        return run_check(config, sys.stdout)
+    if args.command == "test-reply":
+        from billing_responder.sample_reply import run_test_reply  # noqa: PLC0415
+
+        return run_test_reply(config, to=args.to, customer_id=args.customer, out=sys.stdout)
+    if args.command == "history":
+        from billing_responder.history import run_history  # noqa: PLC0415
+
+        return run_history(
+            config,
+            since=args.since,
+            decision=args.decision,
+            as_json=args.json,
+            full=args.full,
+            limit=args.limit,
+            out=sys.stdout,
+        )
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _alert(config: Config, command: str, problem: str, exit_code: int) -> None:
+    """Tell the operator, as [notify] says, that the responder stopped (polling commands only)."""
+    if command not in ("once", "run"):
+        return
+    from billing_responder.alerts import notify_operator  # noqa: PLC0415
+
+    notify_operator(config, problem=problem, exit_code=exit_code)
+
+
+def _once(config: Config, *, dry_run: bool, review: Path | None = None) -> int:
     from billing_responder.service import build_service  # noqa: PLC0415 - keeps `explain` light
+
+    on_outcome = print_dry_run_outcome if dry_run else print_outcome
+    page = None
+    if review is not None:
+        from billing_responder.review import ReviewWriter  # noqa: PLC0415
+
+        page = ReviewWriter(review)
+
+        def on_outcome(outcome: Outcome) -> None:
+            print_dry_run_outcome(outcome)
+            page.add(outcome)
 
     service = build_service(config, dry_run=dry_run)
     try:
-        report = service.cycle(on_outcome=print_dry_run_outcome if dry_run else print_outcome)
+        report = service.cycle(on_outcome=on_outcome)
     finally:
         service.close()
     print(("dry run: " if dry_run else "") + report.summary())
+    if page is not None:
+        print(f"review page: {page.finish(report)}")
     return EXIT_OK
 
 

@@ -7,13 +7,22 @@ does not belong. URL-encoded addresses count too: urllib3's DEBUG request lines 
 lookups such as ``/v1/customers?email=ada%40example.com``. ``[logging] mask_addresses = false``
 turns masking off, for an owner who needs to match log lines to customers. The owner-facing
 outputs (the dry-run review, `once`'s report on stdout) always show addresses in full.
+
+Two shapes: ``text``, one line per event -- under systemd, when stderr is the journal's stream
+(``JOURNAL_STREAM``), without the timestamp journald adds itself and with the ``<N>`` priority
+prefix of sd-daemon(3), so ``journalctl -p warning`` works -- and ``json``, one object per line
+for log shippers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
+from datetime import UTC, datetime
+from typing import TextIO
 
 _DOMAIN = r"(?P<{}>[\w-]+(?:\.[\w-]+)+)"
 _ADDRESS = re.compile(
@@ -48,11 +57,18 @@ def mask_addresses_in(text: str) -> str:
     return _ADDRESS.sub(masked, text)
 
 
-def setup_logging(level: str = "INFO", *, mask_addresses: bool = True) -> None:
-    """Log to stderr at ``level``, addresses masked unless told not to; quiet the clients."""
+def setup_logging(
+    level: str = "INFO", *, mask_addresses: bool = True, log_format: str = "text"
+) -> None:
+    """Log to stderr at ``level`` as ``log_format``, addresses masked unless told not to."""
     handler = _OwnHandler(sys.stderr)
-    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(MaskingFormatter(line) if mask_addresses else logging.Formatter(line))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(mask=mask_addresses))
+    elif journal_attached(sys.stderr):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s", mask=mask_addresses))
+    else:
+        line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        handler.setFormatter(MaskingFormatter(line) if mask_addresses else logging.Formatter(line))
     root = logging.getLogger()
     # Replace only our own handler, so calling this twice (tests, the demo) never doubles lines
     # and handlers others installed (pytest's capture) stay.
@@ -76,3 +92,58 @@ class MaskingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return mask_addresses_in(super().format(record))
+
+
+def journal_attached(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd named in ``$JOURNAL_STREAM``."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # no file descriptor: pytest's capture, a StringIO
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
+#: sd-daemon(3) syslog priorities by logging level.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level (DEBUG and below: 7)."""
+    return next((p for floor, p in _PRIORITIES if levelno >= floor), 7)
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>name: message`` lines; every line of a traceback carries the prefix too."""
+
+    def __init__(self, fmt: str, *, mask: bool) -> None:
+        super().__init__(fmt)
+        self._mask = mask
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self._mask:
+            text = mask_addresses_in(text)
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception, if any)."""
+
+    def __init__(self, *, mask: bool) -> None:
+        super().__init__()
+        self._mask = mask
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        if self._mask:
+            event = {k: mask_addresses_in(v) if isinstance(v, str) else v for k, v in event.items()}
+        return json.dumps(event, ensure_ascii=False)

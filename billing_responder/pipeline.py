@@ -87,6 +87,10 @@ class Outcome:
     recipient: str | None = None
     reply_subject: str | None = None
     dry_run_text: str | None = None  # the rendered reply, in a dry run only
+    #: The whole reply as it would be sent (RFC 5322 bytes; the portal link is the dry-run
+    #: placeholder) and its HTML part, in a dry run only: for the review page.
+    dry_run_message: bytes | None = None
+    dry_run_html: str | None = None
     error: str | None = None
 
 
@@ -408,6 +412,8 @@ class Responder:
             return Outcome(
                 ref, Status.WOULD_REPLY, decision, customer.id, sender, str(reply["Subject"]),
                 dry_run_text=rendered.text,
+                dry_run_message=bytes(reply),
+                dry_run_html=rendered.html,
             )
 
         sent_id = self.mailbox.send(bytes(reply), ref.thread_id)
