@@ -92,6 +92,9 @@ class Outcome:
     dry_run_message: bytes | None = None
     dry_run_html: str | None = None
     error: str | None = None
+    #: When Gmail received the message (ms since the epoch), where it was fetched: for the
+    #: arrival-to-reply latency.
+    received_ms: int | None = None
 
 
 @dataclass
@@ -423,7 +426,10 @@ class Responder:
             "replied to %s (%s) in thread %s with a portal link for %s",
             sender, ref.id, ref.thread_id, customer.id,
         )
-        return Outcome(ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"]))
+        return Outcome(
+            ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"]),
+            received_ms=message.internal_date_ms or None,
+        )
 
     def _within_limits(
         self, decision: Decision, message: IncomingMessage, now: datetime
