@@ -507,12 +507,14 @@ class TestFatalErrors:
         assert "sk_test_wrong0000000000" not in result.stderr
         assert sandbox.gmail.writes() == []
 
-    def test_revoked_gmail_token_exits_1_and_says_what_to_do(self, sandbox: Sandbox) -> None:
-        """invalid_grant is reported in one line that names the problem, exit 1, no traceback."""
+    def test_revoked_gmail_token_exits_3_and_says_what_to_do(self, sandbox: Sandbox) -> None:
+        """invalid_grant: exit 3 (authorisation lost), the problem and the fixing command, no traceback."""
         sandbox.gmail.revoke()
         result = sandbox.cli("once")
-        assert result.code == 1
-        assert "invalid_grant" in result.stderr
+        assert result.code == 3
+        lines = result.stderr.strip().splitlines()
+        assert "Gmail authorisation lost" in lines[-2] and "invalid_grant" in lines[-2]
+        assert lines[-1] == "billing-responder: to fix it, run: billing-responder auth"
         assert "Traceback" not in result.stderr
 
     def test_bad_config_exits_2_naming_file_and_key(self, sandbox: Sandbox) -> None:
