@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.errors import HeaderParseError, InvalidHeaderDefect
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
+from email.headerregistry import (
+    Address,
+    BaseHeader,
+    HeaderRegistry,
+    UniqueAddressHeader,
+    UnstructuredHeader,
+)
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import format_datetime, make_msgid
@@ -446,17 +452,51 @@ class _SubjectHeader(UnstructuredHeader, BaseHeader):
     def fold(self, *, policy: Policy) -> str:
         """The header folded to lines of at most 78 characters where the words allow."""
         text = str(self)
-        first = f"{self.name}:"
-        lines = [first]
-        if text.isascii():
-            for word in text.split(" "):
-                if lines[-1] != first and len(lines[-1]) + 1 + len(word) > _FOLD_WIDTH:
-                    lines.append("")
-                lines[-1] += " " + word
-        if not text.isascii() or max(map(len, lines)) > _MAX_LINE:
-            lines = [first, *(" " + word for word in _encoded_words(text))]
-            lines[:2] = [lines[0] + lines[1]]
+        lines = _folded_at_spaces(f"{self.name}:", text) if text.isascii() else None
+        if lines is None:
+            lines = _folded_encoded(f"{self.name}:", text)
         return policy.linesep.join(lines) + policy.linesep
+
+
+class _FromHeader(UniqueAddressHeader, BaseHeader):
+    """Our From, folded so that it reads back as written.
+
+    Python 3.11 drops the quotes around a display name it has to fold, so a long name holding
+    ``:``, ``,`` or ``"`` comes back as a group, as no name, or with the address swallowed into
+    it. A From that fits on one line is left to the standard library; in a longer one an ASCII
+    name is a quoted string folded at its spaces (RFC 5322 3.2.4), any other name UTF-8 encoded
+    words, and the address follows.
+    """
+
+    def fold(self, *, policy: Policy) -> str:
+        """The header on one line when it fits, else folded with the name kept whole."""
+        folded = super().fold(policy=policy)
+        name = self.addresses[0].display_name if len(self.addresses) == 1 else ""
+        if folded.count(policy.linesep) == 1 or not name:
+            return folded
+        quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines = _folded_at_spaces(f"{self.name}:", quoted) if name.isascii() else None
+        if lines is None:
+            lines = _folded_encoded(f"{self.name}:", name)
+        lines.append(f" <{self.addresses[0].addr_spec}>")
+        return policy.linesep.join(lines) + policy.linesep
+
+
+def _folded_at_spaces(first: str, text: str) -> list[str] | None:
+    """``first`` and ``text`` as lines folded at the spaces of ``text``, each space kept (it
+    starts the next line); None when a word is too long for any line."""
+    lines = [first]
+    for word in text.split(" "):
+        if lines[-1] != first and len(lines[-1]) + 1 + len(word) > _FOLD_WIDTH:
+            lines.append("")
+        lines[-1] += " " + word
+    return lines if max(map(len, lines)) <= _MAX_LINE else None
+
+
+def _folded_encoded(first: str, text: str) -> list[str]:
+    """``first`` and ``text`` as a run of UTF-8 encoded words, one a line."""
+    words = _encoded_words(text)
+    return [f"{first} {words[0]}", *(" " + word for word in words[1:])]
 
 
 _FOLD_WIDTH = 78
@@ -480,6 +520,7 @@ _REPLY_HEADERS = HeaderRegistry()
 for _name in ("message-id", "in-reply-to", "references"):
     _REPLY_HEADERS.map_to_type(_name, _MessageIdsHeader)
 _REPLY_HEADERS.map_to_type("subject", _SubjectHeader)
+_REPLY_HEADERS.map_to_type("from", _FromHeader)
 #: The policy of every reply: SMTP line ends, CR/LF in values refused, msg-id lists kept intact.
 REPLY_POLICY = policy.SMTP.clone(header_factory=_REPLY_HEADERS)
 

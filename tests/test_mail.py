@@ -468,6 +468,32 @@ class TestBuildReply:
         assert b"=?" not in bytes(reply).split(b"\r\n\r\n")[0]
         assert reparse(reply)["Subject"] == "Re: " + subject
 
+    @pytest.mark.parametrize(
+        "name",
+        [
+            ":" + "0" * 75,
+            "0" * 75 + ":",
+            "a" * 80 + '"',
+            "Billing, " * 12 + "Acme",
+            'Acme "Billing" \\ Support (EU) ' * 5,
+        ],
+    )
+    def test_a_long_from_name_reads_back_whole_with_our_address(self, name: str) -> None:
+        """Our From name, too long for one line and holding ":", ",", quotes or backslashes, reads back as written, before our address."""
+        reply, _ = reply_to(self.ORIGINAL, from_name=name)
+        (sender,) = reparse(reply)["From"].addresses
+        assert sender.addr_spec == "billing@support.example.net"
+        assert sender.display_name == header_text(name)
+        assert max(len(line) for line in bytes(reply).split(b"\r\n")) <= 998
+
+    def test_a_from_name_without_spaces_too_long_for_a_line_is_encoded(self) -> None:
+        """A name word longer than any line may be is sent as encoded words; its letters and our address survive."""
+        reply, _ = reply_to(self.ORIGINAL, from_name="Acme" * 300)
+        (sender,) = reparse(reply)["From"].addresses
+        assert sender.addr_spec == "billing@support.example.net"
+        assert "".join(sender.display_name.split()) == "Acme" * 300
+        assert max(len(line) for line in bytes(reply).split(b"\r\n")) <= 998
+
     def test_hostile_subject_and_name_cannot_add_headers(self) -> None:
         """CR/LF in the subject or our display name do not start new headers."""
         hostile = "Invoice\r\nBcc: victim@example.com\r\n\r\nbody"
