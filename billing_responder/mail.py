@@ -458,7 +458,9 @@ class _SubjectHeader(UnstructuredHeader, BaseHeader):
         return policy.linesep.join(lines) + policy.linesep
 
 
-class _FromHeader(UniqueAddressHeader, BaseHeader):
+# typeshed types BaseHeader's and AddressHeader's attributes differently; at run time the
+# registry itself makes every header class from exactly these two bases.
+class _FromHeader(UniqueAddressHeader, BaseHeader):  # type: ignore[misc]
     """Our From, folded so that it reads back as written.
 
     Python 3.11 drops the quotes around a display name it has to fold, so a long name holding
