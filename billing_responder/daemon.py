@@ -6,6 +6,13 @@ immediately. SIGTERM/SIGINT set a flag the pipeline checks between messages and 
 back-off at once: the message in hand is finished (or, if a call of it was failing, left for the
 next start), the rest wait, and the process exits 0. The handlers are installed before start-up
 checks run, so a SIGTERM during start-up is a clean stop too.
+
+Under systemd (``Type=notify``) the daemon reports through :mod:`billing_responder.notify`:
+``READY=1`` when it starts polling (credentials and labels were verified by then), ``STATUS=``
+after every cycle, ``STOPPING=1`` when told to stop, and ``WATCHDOG=1`` every half
+``WatchdogSec`` -- but only while it makes progress: a cycle finished, or a message handled, within
+the last ``WatchdogSec``. A hung request or a cycle that keeps failing stops the pings, and systemd
+restarts the service.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
@@ -21,7 +29,8 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from billing_responder.errors import BillingResponderError, ServiceUnavailableError
-from billing_responder.pipeline import QUIET, CycleReport, Outcome
+from billing_responder.notify import SystemdNotifier
+from billing_responder.pipeline import QUIET, CycleReport, Outcome, Status
 from billing_responder.retry import clear_stop, request_stop
 
 log = logging.getLogger(__name__)
@@ -37,11 +46,15 @@ class Daemon:
         interval: float,
         *,
         on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self._interval = interval
         self._on_outcome = on_outcome
+        self._notifier = notifier or SystemdNotifier.from_environment()
         self._stop = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._last_progress = time.monotonic()
+        self._replies = 0
         self.fatal: BillingResponderError | None = None
 
     @property
@@ -51,6 +64,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask the daemon to stop after the message in hand."""
+        if not self._stop.is_set():
+            self._notifier.stopping()
         self._stop.set()
         request_stop()
 
@@ -83,14 +98,20 @@ class Daemon:
             next_run_time=datetime.now(UTC),
             id="poll",
         )
+        self._last_progress = time.monotonic()
         scheduler.start()
+        self._notifier.ready(status=f"polling every {self._interval:g} s; first cycle running")
         log.info("polling every %g s; SIGTERM or Ctrl-C stops", self._interval)
+        watchdog = self._start_watchdog()
         try:
             while not self._stop.wait(0.5):
                 pass
         finally:
             scheduler.shutdown(wait=True)
+            if watchdog is not None:
+                watchdog.join()
         if self.fatal is not None:
+            self._notifier.status(f"stopped: {self.fatal}")
             raise self.fatal
         log.info("stopped")
 
@@ -98,18 +119,58 @@ class Daemon:
         if self._stop.is_set():
             return
         try:
-            report = cycle(should_stop=self._stop.is_set, on_outcome=self._on_outcome)
+            report = cycle(should_stop=self._stop.is_set, on_outcome=self._outcome)
         except ServiceUnavailableError as exc:
-            # An outage is not a reason to die: the next interval tries again.
+            # An outage is not a reason to die: the next interval tries again. It is not progress
+            # either: the watchdog pings stop until a cycle succeeds.
             log.error("cycle failed, will retry in %g s: %s", self._interval, exc)
+            self._notifier.status(f"last cycle failed at {_now()}: {exc}; retrying")
             return
         except BillingResponderError as exc:
             self.fatal = exc
             self._stop.set()
             return
+        self._last_progress = time.monotonic()
+        self._replies += report.count(Status.REPLIED)
+        self._notifier.status(
+            f"last cycle {_now()}: {report.summary()}; {self._replies} replied since start"
+        )
         if any(o.status not in QUIET for o in report.outcomes):
             log.info("cycle done: %s", report.summary())
+
+    def _outcome(self, outcome: Outcome) -> None:
+        # Each message handled is progress: a long first cycle over a backlog is not a hang.
+        self._last_progress = time.monotonic()
+        self._on_outcome(outcome)
+
+    def _start_watchdog(self) -> threading.Thread | None:
+        interval = self._notifier.watchdog_interval_seconds
+        if interval is None:
+            return None
+        thread = threading.Thread(
+            target=self._watchdog, args=(interval,), name="watchdog", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _watchdog(self, interval: float) -> None:
+        # WATCHDOG_USEC is twice the interval: progress older than that means a hang.
+        stalled = False
+        while not self._stop.wait(interval):
+            idle = time.monotonic() - self._last_progress
+            if idle < 2 * interval:
+                self._notifier.watchdog()
+                stalled = False
+            elif not stalled:
+                stalled = True
+                log.warning(
+                    "no progress for %.0f s: no longer telling systemd's watchdog all is well", idle
+                )
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("%s received: finishing the message in hand", signal.Signals(signum).name)
         self.stop()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
