@@ -49,6 +49,21 @@ def _interruptible_sleep(seconds: float) -> None:
     _stop.wait(seconds)
 
 
+#: Told the policy's service name before each retry (an attempt after a failed one): metrics.
+_retry_observers: list[Callable[[str], None]] = []
+
+
+def observe_retries(observer: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``observer(service)`` before every retry of any policy; returns what undoes it."""
+    _retry_observers.append(observer)
+
+    def forget() -> None:
+        if observer in _retry_observers:
+            _retry_observers.remove(observer)
+
+    return forget
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
     if value is None:
@@ -109,6 +124,10 @@ class RetryPolicy:
             # also cancel the attempt that would follow it.
             if failed and _stop.is_set():
                 raise failed[-1]
+            if failed:
+                # Counted here, not in before_sleep: a back-off cut short by a stop is no retry.
+                for observer in tuple(_retry_observers):
+                    observer(self.service)
             try:
                 return fn()
             except BaseException as exc:
