@@ -267,6 +267,10 @@ class TestSenderAddress:
             ((("From", "_.:"),), SenderProblemKind.UNPARSEABLE),
             ((("From", "Jörg <jörg@example.com>"),), SenderProblemKind.NON_ASCII),
             ((("From", "a@" + "b" * 3000 + ".com"),), SenderProblemKind.UNPARSEABLE),
+            # What Gmail's API shows for a display name sent as an encoded word: the parser
+            # would read the name as the address.
+            ((("From", "boss@example.com <ada@example.com>"),), SenderProblemKind.UNPARSEABLE),
+            ((("From", "Boss <boss@example.com> <ada@example.com>"),), SenderProblemKind.UNPARSEABLE),
         ],
     )
     def test_problems(self, headers: tuple[tuple[str, str], ...], kind: SenderProblemKind) -> None:
