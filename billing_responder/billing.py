@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import stripe
@@ -58,6 +59,20 @@ STRIPE_RETRY = RetryPolicy("Stripe", retryable=_is_retryable, retry_after=_retry
 def key_mode(api_key: str) -> str:
     """``test`` or ``live``, from the key's prefix; the key itself is never shown."""
     return "live" if "_live_" in api_key else "test"
+
+
+def key_kind(api_key: str) -> str:
+    """``restricted`` (``rk_...``, the recommended kind) or ``secret`` (``sk_...``)."""
+    return "restricted" if api_key.startswith("rk_") else "secret"
+
+
+@dataclass(frozen=True)
+class PortalConfiguration:
+    """A Billing Portal configuration, as far as going live depends on it."""
+
+    id: str
+    active: bool
+    is_default: bool
 
 
 class StripeBilling:
@@ -129,6 +144,46 @@ class StripeBilling:
             return list(found.values())
         found.update((c.id, _customer(c)) for c in result.data)
         return list(found.values())
+
+    def customer(self, customer_id: str) -> Customer:
+        """The customer ``customer_id``; a missing or deleted one is fatal, with Stripe's words."""
+
+        def retrieve() -> Any:
+            try:
+                return self._client.v1.customers.retrieve(customer_id)
+            except stripe.InvalidRequestError as exc:
+                if exc.code != "resource_missing":
+                    raise
+                raise FatalServiceError("Stripe", str(exc.user_message or exc)) from None
+
+        found = self._call(retrieve)
+        if getattr(found, "deleted", False):
+            raise FatalServiceError("Stripe", f"customer {customer_id} has been deleted")
+        return _customer(found)
+
+    def portal_configuration(self) -> PortalConfiguration | None:
+        """The portal configuration sessions will use: ``[stripe] portal_configuration``, else
+        the account's default; None when there is none (an unknown id, or portal settings never
+        saved in the Dashboard, in which case Stripe refuses to create sessions)."""
+        configurations = self._client.v1.billing_portal.configurations
+
+        def find() -> Any:
+            if not self._configuration:
+                page = configurations.list(params={"is_default": True, "limit": 1})
+                return page.data[0] if page.data else None
+            try:
+                return configurations.retrieve(self._configuration)
+            except stripe.InvalidRequestError as exc:
+                if exc.code == "resource_missing":
+                    return None
+                raise
+
+        found = self._call(find)
+        if found is None:
+            return None
+        return PortalConfiguration(
+            id=str(found.id), active=bool(found.active), is_default=bool(found.is_default)
+        )
 
     def create_portal_session(self, customer_id: str, *, idempotency_key: str) -> PortalSession:
         """A fresh Billing Portal session; the same key never mints a second one."""

@@ -97,6 +97,8 @@ _ENDPOINTS = (
      "on_behalf_of return_url"),
     ("GET", r"/v1/billing_portal/configurations", "_list_configurations",
      "rak_billing_portal_read", "active ending_before expand is_default limit starting_after"),
+    ("GET", r"/v1/billing_portal/configurations/(bpc_\w+)", "_retrieve_configuration",
+     "rak_billing_portal_read", "expand"),
     ("POST", r"/v1/billing_portal/configurations", "_create_configuration",
      "rak_billing_portal_write",
      "business_profile default_return_url expand features login_page metadata name"),
@@ -243,6 +245,21 @@ class StripeEmulator(EmulatorServer):
         with self._lock:
             self._customers[customer_id].update(fields)
             self._reindex(self._customers[customer_id])
+
+    def add_configuration(
+        self, *, active: bool = True, default_return_url: str | None = None
+    ) -> str:
+        """Create a (non-default) billing portal configuration; return its ``bpc_...`` id."""
+        with self._lock:
+            params = {"default_return_url": default_return_url}
+            config = self._new_configuration(params, is_default=False)
+            config["active"] = active
+            return str(config["id"])
+
+    def set_configuration_active(self, config_id: str, active: bool) -> None:
+        """Activate or deactivate a configuration, as the Dashboard (or an update call) does."""
+        with self._lock:
+            self._configurations[config_id].update(active=active, updated=self._now())
 
     def portal_sessions(self) -> list[PortalSession]:
         """Every billing portal session created so far, oldest first."""
@@ -573,6 +590,15 @@ class StripeEmulator(EmulatorServer):
         return self._page(
             matching, call.params, "/v1/billing_portal/configurations", "configuration"
         )
+
+    def _retrieve_configuration(self, call: _Call) -> dict[str, Any]:
+        read_expand(call.params, set())
+        config = self._configurations.get(call.args[0])
+        if config is None:
+            # Stripe names a namespaced object by its type in a retrieve's 404, as it does for
+            # "No such checkout.session: 'cs_...'".
+            raise no_such("billing_portal.configuration", call.args[0], "id", status=404)
+        return config
 
     def _create_configuration(self, call: _Call) -> dict[str, Any]:
         read_expand(call.params, set())
