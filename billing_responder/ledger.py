@@ -26,13 +26,14 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from billing_responder.errors import StateError
 from billing_responder.model import DONE, SENDING, SENT, Decision, LedgerEntry
 
-__all__ = ["DONE", "SENDING", "SENT", "LedgerEntry", "SqliteLedger"]
+__all__ = ["DONE", "SENDING", "SENT", "HistoryEntry", "LedgerEntry", "SqliteLedger"]
 
 _MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -79,7 +80,22 @@ _MIGRATIONS: list[tuple[str, str]] = [
         UPDATE messages SET sent_at = updated_at WHERE sent_gmail_id IS NOT NULL;
         """,
     ),
+    (
+        # `billing-responder history` reads the newest rows first, often since a time: this lets
+        # SQLite walk the index backwards and stop at the limit instead of sorting the table.
+        "0004_messages_updated_at_index",
+        """
+        CREATE INDEX messages_updated_at ON messages (updated_at);
+        """,
+    ),
 ]
+
+
+@dataclass(frozen=True)
+class HistoryEntry(LedgerEntry):
+    """A row as `billing-responder history` shows it: the entry and when its reply was sent."""
+
+    sent_at: str | None = None
 
 
 def _now() -> str:
@@ -187,6 +203,32 @@ class SqliteLedger:
             "SELECT * FROM messages ORDER BY updated_at DESC, rowid DESC LIMIT ?", (limit,)
         )
         return [_entry(r) for r in rows]
+
+    def history(
+        self, *, since: datetime | None = None, action: str | None = None, limit: int = 100
+    ) -> list[HistoryEntry]:
+        """The audit log: rows updated at or after ``since`` with ``action``, newest first.
+
+        Timestamps are stored as UTC ISO strings of one shape, so comparing strings compares
+        times, and the ``messages_updated_at`` index serves both the filter and the order.
+        """
+        where, values = [], []
+        if since is not None:
+            where.append("updated_at >= ?")
+            values.append(since.astimezone(UTC).isoformat(timespec="seconds"))
+        if action is not None:
+            where.append("action = ?")
+            values.append(action)
+        condition = f"WHERE {' AND '.join(where)} " if where else ""
+        try:
+            rows = self._db.execute(
+                f"SELECT * FROM messages {condition}"  # noqa: S608 - fixed conditions, values bound
+                "ORDER BY updated_at DESC, rowid DESC LIMIT ?",
+                (*values, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+        return [_history_entry(r) for r in rows]
 
     # -- the mailbox as a whole -------------------------------------------------------------------
 
@@ -347,6 +389,13 @@ class SqliteLedger:
 def _statements(script: str) -> list[str]:
     # executescript() would commit our open transaction; run statements one by one inside it.
     return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _history_entry(row: sqlite3.Row) -> HistoryEntry:
+    # A file from before migration 0003, read without migrating, has no sent_at column. (`in`
+    # on a Row looks at its values, not its column names.)
+    sent_at = row["sent_at"] if "sent_at" in row.keys() else None  # noqa: SIM118
+    return HistoryEntry(**vars(_entry(row)), sent_at=sent_at)
 
 
 def _entry(row: sqlite3.Row) -> LedgerEntry:
