@@ -63,7 +63,8 @@ def run_history(
         return 0
     if not os.access(path, os.R_OK):
         raise StateError(
-            f"{path}: not readable by this user; run `history` as the user the service runs as"
+            f"{path}: not readable by this user (the ledger is private to the service):"
+            " run `history` as root or as the service's user"
         )
     ledger = SqliteLedger(path, read_only=True)
     try:
