@@ -268,7 +268,7 @@ class TestDiscoveryValidation:
     def test_unimplemented_method_says_so(self, gmail: GmailEmulator, service: Any) -> None:
         """A real method the emulator does not model answers 501 rather than a made-up result."""
         with pytest.raises(HttpError) as caught:
-            service.users().drafts().list(userId="me").execute()
+            service.users().messages().trash(userId="me", id="18f0a00000000001").execute()
         assert caught.value.status_code == 501
 
 

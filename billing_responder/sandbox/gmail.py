@@ -15,6 +15,9 @@ What it models, and why each piece is here:
   the thread whose message it references only if the normalised subjects agree), a history log
   whose ids grow with gaps, and :meth:`GmailEmulator.expire_history` for the 404 a stale
   ``startHistoryId`` gets.
+* Drafts: ``drafts.create/get/list/send/delete``. A draft's message carries only the DRAFT label,
+  joins a thread by the same rule as a sent message, shows in threads.get and in searches
+  (``in:drafts``, ``rfc822msgid:``) but not in SENT; sending it replaces it with a new message.
 * Search: the ``q`` language in :mod:`billing_responder.sandbox.gmail_query`.
 * Quota: Gmail's per-method units, and a per-minute budget that answers 429 when exceeded.
 
@@ -38,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from email.message import EmailMessage
 from email.utils import getaddresses, make_msgid
 from typing import Any
 
@@ -53,7 +57,7 @@ from billing_responder.sandbox.gmail_message import (
     parse,
 )
 
-__all__ = ["SYSTEM_LABELS", "GmailEmulator", "StoredMessage"]
+__all__ = ["SYSTEM_LABELS", "GmailEmulator", "StoredDraft", "StoredMessage"]
 
 #: Gmail's system labels. Their names are their ids.
 SYSTEM_LABELS = (
@@ -93,6 +97,14 @@ class _Label:
 
 
 @dataclass(frozen=True)
+class StoredDraft:
+    """A draft as the mailbox holds it, for tests: its own id and its (DRAFT-labelled) message."""
+
+    id: str
+    message: StoredMessage
+
+
+@dataclass(frozen=True)
 class _HistoryRecord:
     id: int
     kind: str  # "messagesAdded" | "labelsAdded" | "labelsRemoved"
@@ -117,13 +129,25 @@ def _ok(payload: object) -> Response:
     return Response.json(200, payload)
 
 
+def _decode_raw(encoded: object) -> bytes:
+    """A ``raw`` field's RFC 822 bytes (base64url, padding optional), or Gmail's 400."""
+    text = str(encoded)
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error):
+        raise api.bad_request(
+            "Invalid value at 'message.raw' (TYPE_BYTES)", reason="invalid"
+        ) from None
+
+
 class GmailEmulator(EmulatorServer):
     """One Gmail mailbox behind the Gmail REST API, on 127.0.0.1.
 
     Seed it with :meth:`deliver` and :meth:`create_label`; inspect it with :meth:`sent_messages`,
-    :meth:`message`, :meth:`message_label_names`, :meth:`thread_label_names`, :meth:`label_id`,
-    :meth:`writes` and :attr:`units_used`. ``clock`` (seconds since the epoch) drives
-    ``internalDate``, ``newer_than:``, token expiry and the quota window, so tests can move time.
+    :meth:`drafts`, :meth:`message`, :meth:`message_label_names`, :meth:`thread_label_names`,
+    :meth:`label_id`, :meth:`writes` and :attr:`units_used`. ``clock`` (seconds since the
+    epoch) drives ``internalDate``, ``newer_than:``, token expiry and the quota window, so tests
+    can move time.
     """
 
     name = "gmail"
@@ -157,6 +181,7 @@ class GmailEmulator(EmulatorServer):
             self._revoked = False
             self._messages: dict[str, MailboxMessage] = {}
             self._threads: dict[str, list[str]] = {}
+            self._drafts: dict[str, str] = {}  # draft id -> the id of the message it holds
             self._labels: dict[str, _Label] = {i: _Label(i, i, "system") for i in SYSTEM_LABELS}
             self._next_label = 1
             self._next_id = 0x18F0A00000000000
@@ -200,6 +225,11 @@ class GmailEmulator(EmulatorServer):
         with self._lock:
             found = [m for m in self._messages.values() if "SENT" in m.label_ids]
             return [m.snapshot() for m in found]
+
+    def drafts(self) -> list[StoredDraft]:
+        """Every draft (created through the API and not yet sent or deleted), oldest first."""
+        with self._lock:
+            return [StoredDraft(d, self._messages[m].snapshot()) for d, m in self._drafts.items()]
 
     def message(self, message_id: str) -> StoredMessage:
         """The stored message ``message_id``; KeyError when there is none."""
@@ -438,6 +468,16 @@ class GmailEmulator(EmulatorServer):
                     return thread_id
         return message.id
 
+    def _remove(self, message: MailboxMessage) -> None:
+        """Delete a message for good (a draft deleted or sent); its thread goes when empty."""
+        del self._messages[message.id]
+        members = self._threads[message.thread_id]
+        members.remove(message.id)
+        if not members:
+            del self._threads[message.thread_id]
+        message.history_id = self._bump_history()
+        self._record("messagesDeleted", message)
+
     def _record(self, kind: str, message: MailboxMessage, changed: Iterable[str] = ()) -> None:
         record = _HistoryRecord(message.history_id, kind, message.with_labels(), tuple(changed))
         self._history.append(record)
@@ -561,40 +601,46 @@ class GmailEmulator(EmulatorServer):
         return _ok(message.resource(fmt, call.params.get("metadataHeaders", [])))
 
     def _messages_send(self, call: _Call) -> Response:
-        encoded = call.body.get("raw")
-        if not encoded:
+        if not call.body.get("raw"):
             upload = "uploading message via /upload/* URL"
             raise api.bad_request(f"'raw' RFC822 payload message string or {upload} required")
-        try:
-            raw = base64.urlsafe_b64decode(str(encoded) + "=" * (-len(str(encoded)) % 4))
-        except (ValueError, binascii.Error):
-            raise api.bad_request(
-                "Invalid value at 'message.raw' (TYPE_BYTES)", reason="invalid"
-            ) from None
+        raw = _decode_raw(call.body["raw"])
+        return _ok(self._send(raw, call.body.get("threadId")).with_labels())
+
+    def _send(self, raw: bytes, thread_hint: object) -> MailboxMessage:
+        """Send ``raw`` (messages.send, drafts.send); it may join only the thread hinted at."""
         parsed = parse(raw)
         recipients = getaddresses(
             [str(v) for k in ("to", "cc", "bcc") for v in parsed.get_all(k, [])]
         )
         if not any(addr for _, addr in recipients):
             raise api.bad_request("Recipient address required")
-        # Gmail fills in what the sender left out; the rest is stored byte for byte.
+        joinable = self._joinable(thread_hint)
+        labels = {"SENT"}
+        if any(addr.casefold() == self.address.casefold() for _, addr in recipients):
+            labels |= {"INBOX", "UNREAD"}  # mail to oneself lands in one's own inbox too
+        return self._store(self._completed(raw, parsed), labels, None, joinable)
+
+    def _completed(self, raw: bytes, parsed: EmailMessage) -> bytes:
+        """``raw`` with what Gmail fills in when the sender left it out; the rest byte for byte."""
         added = (
             b""
             if parsed["message-id"]
             else f"Message-ID: {make_msgid(domain='mail.gmail.com')}\r\n".encode()
         )
         added += b"" if parsed["from"] else f"From: {self.address}\r\n".encode()
-        hint = call.body.get("threadId")
-        if hint:
-            if not _ID.fullmatch(str(hint)):
-                raise api.bad_request("Invalid thread_id value")
-            if str(hint) not in self._threads:
-                raise api.not_found()
-        labels = {"SENT"}
-        if any(addr.casefold() == self.address.casefold() for _, addr in recipients):
-            labels |= {"INBOX", "UNREAD"}  # mail to oneself lands in one's own inbox too
-        message = self._store(added + raw, labels, None, joinable=[str(hint)] if hint else [])
-        return _ok(message.with_labels())
+        return added + raw
+
+    def _joinable(self, thread_hint: object) -> list[str]:
+        """The threads a new message may join: the one a request named, else none (Gmail
+        threads what the API sends or drafts only into a thread the request names)."""
+        if not thread_hint:
+            return []
+        if not _ID.fullmatch(str(thread_hint)):
+            raise api.bad_request("Invalid thread_id value")
+        if str(thread_hint) not in self._threads:
+            raise api.not_found()
+        return [str(thread_hint)]
 
     def _messages_modify(self, call: _Call) -> Response:
         message = self._get_message(call.path["id"])
@@ -614,6 +660,59 @@ class GmailEmulator(EmulatorServer):
             if message_id in self._messages:
                 self._modify(self._messages[message_id], add, remove)
         return Response(204)
+
+    # Drafts: a draft is a container with a stable id around one DRAFT-labelled message, which
+    # lives in its thread (threads.get and searches show it, ``in:drafts`` finds it) but is not
+    # sent. Sending it replaces it with a new message (a new id) labelled SENT.
+
+    def _drafts_create(self, call: _Call) -> Response:
+        message = call.body.get("message")
+        if not isinstance(message, dict) or not message.get("raw"):
+            raise api.bad_request("Missing draft message")
+        raw = _decode_raw(message["raw"])
+        joinable = self._joinable(message.get("threadId"))
+        stored = self._store(self._completed(raw, parse(raw)), {"DRAFT"}, None, joinable)
+        draft_id = f"r{secrets.randbits(64) - 2**63}"  # Gmail's look: r-8267489307414391806
+        self._drafts[draft_id] = stored.id
+        return _ok({"id": draft_id, "message": stored.with_labels()})
+
+    def _drafts_get(self, call: _Call) -> Response:
+        draft_id, message = self._get_draft(call.path["id"])
+        fmt = call.params.get("format", "full")
+        return _ok({"id": draft_id, "message": message.resource(fmt)})
+
+    def _drafts_list(self, call: _Call) -> Response:
+        found = self._search({**call.params, "labelIds": ["DRAFT"]})
+        by_message = {message_id: draft_id for draft_id, message_id in self._drafts.items()}
+        found = [m for m in found if m.id in by_message]
+        page, token = api.page(found, [_newest_first(m) for m in found], call.params)
+        drafts = [{"id": by_message[m.id], "message": m.ref()} for m in page]
+        return _ok(api.listing("drafts", drafts, token, len(found)))
+
+    def _drafts_delete(self, call: _Call) -> Response:
+        draft_id, message = self._get_draft(call.path["id"])
+        del self._drafts[draft_id]
+        self._remove(message)
+        return Response(204)
+
+    def _drafts_send(self, call: _Call) -> Response:
+        draft_id, held = self._get_draft(str(call.body.get("id") or ""))
+        replacement = call.body.get("message")
+        raw = held.raw
+        if isinstance(replacement, dict) and replacement.get("raw"):
+            raw = _decode_raw(replacement["raw"])
+        sent = self._send(raw, held.thread_id)  # refused (no recipient): the draft stays
+        del self._drafts[draft_id]
+        self._remove(held)
+        return _ok(sent.with_labels())
+
+    def _get_draft(self, draft_id: str) -> tuple[str, MailboxMessage]:
+        if not draft_id:
+            raise api.bad_request("Missing draft id")
+        message_id = self._drafts.get(draft_id)
+        if message_id is None:
+            raise api.not_found()
+        return draft_id, self._messages[message_id]
 
     def _thread_members(self, thread_id: str) -> list[MailboxMessage]:
         if not _ID.fullmatch(thread_id):
@@ -708,6 +807,11 @@ _HANDLERS: Mapping[str, Callable[[GmailEmulator, _Call], Response]] = {
     "messages.list": GmailEmulator._messages_list,
     "messages.get": GmailEmulator._messages_get,
     "messages.send": GmailEmulator._messages_send,
+    "drafts.create": GmailEmulator._drafts_create,
+    "drafts.get": GmailEmulator._drafts_get,
+    "drafts.list": GmailEmulator._drafts_list,
+    "drafts.delete": GmailEmulator._drafts_delete,
+    "drafts.send": GmailEmulator._drafts_send,
     "messages.modify": GmailEmulator._messages_modify,
     "messages.batchModify": GmailEmulator._messages_batch_modify,
     "threads.get": GmailEmulator._threads_get,

@@ -218,15 +218,26 @@ def validate_body(route: Route, body: bytes) -> dict[str, Any]:
         payload = None
     if not isinstance(payload, dict):
         raise bad_request("Invalid JSON payload received.", reason="badRequest")
-    known = discovery()["schemas"][route.request_schema]["properties"]
+    _check_fields(route.request_schema, payload, "")
+    return payload
+
+
+def _check_fields(schema: str, payload: Mapping[str, Any], at: str) -> None:
+    """Refuse fields ``schema`` does not have, in nested objects too (a draft's ``message``)."""
+    known = discovery()["schemas"][schema]["properties"]
     for name, value in payload.items():
+        path = f"{at}.{name}" if at else name
         if name not in known:
-            raise _unknown_name(name, "Cannot find field.")
+            raise _unknown_name(name, "Cannot find field.", at=_snake(at))
+        nested = known[name].get("$ref")
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise bad_request(f"Invalid value at '{_snake(path)}'", reason="invalid")
+            _check_fields(nested, value, path)
         if known[name].get("type") == "array" and not (
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
-            raise bad_request(f"Invalid value at '{_snake(name)}'", reason="invalid")
-    return payload
+            raise bad_request(f"Invalid value at '{_snake(path)}'", reason="invalid")
 
 
 def _typed(name: str, spec: Mapping[str, Any], value: str) -> object:
@@ -255,8 +266,10 @@ def _typed(name: str, spec: Mapping[str, Any], value: str) -> object:
     raise GmailApiError(400, message, reason="invalid", domain=None)
 
 
-def _unknown_name(name: str, where: str) -> GmailApiError:
-    message = f'Invalid JSON payload received. Unknown name "{name}": {where}'
+def _unknown_name(name: str, where: str, *, at: str = "") -> GmailApiError:
+    # Google names the object holding an unknown field, when it is not the body itself.
+    place = f" at '{at}'" if at else ""
+    message = f'Invalid JSON payload received. Unknown name "{name}"{place}: {where}'
     violation = {
         "@type": "type.googleapis.com/google.rpc.BadRequest",
         "fieldViolations": [{"description": message}],
