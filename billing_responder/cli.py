@@ -39,7 +39,7 @@ from billing_responder.errors import (
 )
 from billing_responder.logs import setup_logging
 from billing_responder.mail import message_from_bytes
-from billing_responder.pipeline import QUIET, Outcome, Status, triage_message
+from billing_responder.pipeline import QUIET, WOULD_ANSWER, Outcome, triage_message
 from billing_responder.triage import authentication_report
 
 log = logging.getLogger("billing_responder")
@@ -340,7 +340,7 @@ def print_dry_run_outcome(outcome: Outcome) -> None:
         if decision.sender:
             print(f"From:     {decision.sender}")
         print(f"Subject:  {decision.subject}")
-    if outcome.status is Status.WOULD_REPLY:
+    if outcome.status in WOULD_ANSWER:
         print(f"Customer: {outcome.customer_id}")
         print(f"Reply to: {outcome.recipient}")
         print(f"Reply subject: {outcome.reply_subject}")

@@ -7,8 +7,9 @@ and turns the client's errors into the project's error tree:
 - 401, a refused refresh token → :class:`GmailAuthError` (fatal: a person must re-authorise);
 - 429, 5xx, 403 rate limits, timeouts and connection errors → retried here (see ``retry.py``),
   then :class:`TransientServiceError` (the message is left for the next cycle) — except
-  ``messages.send``, which is never repeated blindly: a send whose answer was lost may have
-  worked, so the next cycle looks for the reply before sending again;
+  ``messages.send`` and ``drafts.create``, which are never repeated blindly: a send (or draft)
+  whose answer was lost may have worked, so the next cycle looks for the reply before trying
+  again;
 - anything else about one message (a 404 for a message deleted meanwhile, a 400) →
   :class:`TransientServiceError` as well, so nothing is marked handled that was not (a 404 on
   messages.get is its subclass :class:`MessageGoneError`, so a caller may tell "gone" apart);
@@ -263,31 +264,21 @@ class GmailMailbox:
         body = {"raw": base64.urlsafe_b64encode(raw).decode("ascii"), "threadId": thread_id}
         # Not a media upload: the client builds upload URLs with https even for an http endpoint.
         request = self._service.users().messages().send(userId=self._user, body=body)
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
-        try:
-            response = self._send_session.request(  # type: ignore[no-untyped-call]
-                request.method,
-                request.uri,
-                data=request.body,
-                headers=headers,
-                timeout=self._config.timeout_seconds,
-            )
-        except RefreshError as exc:
-            raise GmailAuthError(_refresh_problem(exc)) from None
-        except (requests.RequestException, TransportError) as exc:
-            raise TransientServiceError(
-                "Gmail", f"send failed, maybe after Gmail took it ({type(exc).__name__}: {exc})"
-            ) from None
-        if response.status_code == 401:
-            raise GmailAuthError(f"Gmail rejected the credentials (401): {_json_error(response)}")
-        if response.status_code >= 400:
-            raise TransientServiceError(
-                "Gmail", f"HTTP {response.status_code}: {_json_error(response)}"
-            )
-        return str(response.json()["id"])
+        return str(self._post_once(request, "send")["id"])
+
+    def create_draft(self, raw: bytes, thread_id: str) -> str:
+        """Leave a raw RFC 822 message as a draft in ``thread_id``; returns the Gmail id of the
+        draft's message. Never repeated blindly, like :meth:`send`: a draft whose answer was
+        lost may have been made, and a second one would be a second reply for a person to send.
+        """
+        message = {"raw": base64.urlsafe_b64encode(raw).decode("ascii"), "threadId": thread_id}
+        drafts = self._service.users().drafts()
+        request = drafts.create(userId=self._user, body={"message": message})
+        return str(self._post_once(request, "creating the draft")["message"]["id"])
 
     def find_sent_reply(self, thread_id: str, message_id: str) -> str | None:
-        """The Gmail id of our reply with Message-ID ``message_id``, if it exists.
+        """The Gmail id of our reply with Message-ID ``message_id``, if it exists (sent, or a
+        draft: Gmail shows drafts in their thread and in searches alike).
 
         The thread is read first (where a reply normally lands, and not subject to search
         indexing lag); a ``rfc822msgid:`` search covers a reply Gmail filed in another thread.
@@ -325,6 +316,33 @@ class GmailMailbox:
         )
 
     # -- error mapping ----------------------------------------------------------------------------
+
+    def _post_once(self, request: Any, what: str) -> Any:
+        """Make a write that must not be repeated blindly exactly once, over requests (see
+        ``__init__``); its JSON answer. Every failure is transient except a refused credential:
+        the next cycle looks for what may have been made before trying again."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        try:
+            response = self._send_session.request(  # type: ignore[no-untyped-call]
+                request.method,
+                request.uri,
+                data=request.body,
+                headers=headers,
+                timeout=self._config.timeout_seconds,
+            )
+        except RefreshError as exc:
+            raise GmailAuthError(_refresh_problem(exc)) from None
+        except (requests.RequestException, TransportError) as exc:
+            raise TransientServiceError(
+                "Gmail", f"{what} failed, maybe after Gmail took it ({type(exc).__name__}: {exc})"
+            ) from None
+        if response.status_code == 401:
+            raise GmailAuthError(f"Gmail rejected the credentials (401): {_json_error(response)}")
+        if response.status_code >= 400:
+            raise TransientServiceError(
+                "Gmail", f"HTTP {response.status_code}: {_json_error(response)}"
+            )
+        return response.json()
 
     def _call(
         self,

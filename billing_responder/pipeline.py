@@ -4,7 +4,8 @@
 pure (``triage.decide``, ``customers.choose_customer``, rendering); doing happens through the
 ``Mailbox``, ``Billing`` and ``Ledger`` ports. A dry run is the same path with the writes left
 out: no send, no label, no portal session, no ledger row — only an :class:`Outcome` saying what
-would have happened.
+would have happened. With ``[reply] mode = "draft"`` the reply is left as a Gmail draft in the
+thread for a person to send, instead of sent; the ledger treats it exactly as a sent reply.
 
 Failure rules: a ``TransientServiceError`` while handling one message defers that message (it stays
 unanswered and unmarked for the next cycle); a ``FatalServiceError`` stops the cycle.
@@ -57,6 +58,8 @@ class Status(enum.Enum):
 
     REPLIED = "replied"
     WOULD_REPLY = "would reply"
+    DRAFTED = "drafted"  # [reply] mode = "draft": the reply waits in the thread for a person
+    WOULD_DRAFT = "would draft"
     SKIPPED = "skipped"
     ESCALATED = "escalated"
     WOULD_ESCALATE = "would escalate"
@@ -71,9 +74,14 @@ QUIET = frozenset({Status.ALREADY_HANDLED, Status.WAITING})
 #: Outcomes that leave a message for a later cycle (the next cycle then searches the mailbox):
 #: every one but those that finish a message, so a new kind of "not yet" can never lose mail.
 LEFT_FOR_LATER = frozenset(Status) - {
-    Status.REPLIED, Status.WOULD_REPLY, Status.SKIPPED, Status.ESCALATED, Status.WOULD_ESCALATE,
-    Status.ALREADY_HANDLED,
+    Status.REPLIED, Status.WOULD_REPLY, Status.DRAFTED, Status.WOULD_DRAFT, Status.SKIPPED,
+    Status.ESCALATED, Status.WOULD_ESCALATE, Status.ALREADY_HANDLED,
 }
+
+#: Outcomes where the customer's reply now exists: sent, or drafted for a person to send.
+ANSWERED = frozenset({Status.REPLIED, Status.DRAFTED})
+#: The dry-run outcomes that carry a whole would-be reply.
+WOULD_ANSWER = frozenset({Status.WOULD_REPLY, Status.WOULD_DRAFT})
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,19 @@ class Settings:
     from_name: str
     authserv_id: str = "mx.google.com"
     limits: Limits = field(default_factory=Limits)
+    #: "send" the reply, or "draft" it in the thread for a person to check and send.
+    reply_mode: str = "send"
+    drafted_label: str = "billing-responder/drafted"
+
+    @property
+    def drafting(self) -> bool:
+        """Whether replies are left as drafts rather than sent."""
+        return self.reply_mode == "draft"
+
+    @property
+    def answered_label(self) -> str:
+        """The label a message gets once its reply exists (sent, or drafted)."""
+        return self.drafted_label if self.drafting else self.replied_label
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -139,6 +160,8 @@ class Settings:
             signature=config.reply.signature,
             from_name=config.reply.from_name,
             authserv_id=config.security.authserv_id,
+            reply_mode=config.reply.mode,
+            drafted_label=config.labels.drafted,
             limits=Limits(
                 max_age_days=config.triage.max_age_days,
                 per_sender_hours=config.limits.per_sender_hours,
@@ -154,7 +177,9 @@ def candidate_query(settings: Settings) -> str:
     Example: ``is:unread in:inbox subject:(invoice OR billing) -label:billing-responder-replied``.
     """
     words = " OR ".join(f'"{k}"' if " " in k else k for k in settings.keywords)
-    labels = (settings.replied_label, settings.needs_human_label)
+    # Every label that says "handled", whichever mode is on now: a thread drafted before the
+    # switch to sending (or the other way round) has its reply already.
+    labels = (settings.replied_label, settings.needs_human_label, settings.drafted_label)
     excluded = " ".join(f"-label:{_search_label(name)}" for name in labels)
     return f"is:unread in:inbox subject:({words}) {excluded}"
 
@@ -194,7 +219,7 @@ class Responder:
         # Stripe before the labels: a wrong key must stop the start before anything is written.
         self.billing.verify()
         self.renderer.check()
-        names = [self.settings.replied_label, self.settings.needs_human_label]
+        names = [self.settings.answered_label, self.settings.needs_human_label]
         labels = self.mailbox.label_ids(names, create=not self.dry_run)
         missing = [name for name, label_id in labels.items() if label_id is None]
         if missing:
@@ -291,7 +316,11 @@ class Responder:
         handle, report and record the same messages; one deleted meanwhile (404) is gone, and
         skipped, not deferred.
         """
-        handled = {"SPAM", "TRASH", self.settings.replied_label, self.settings.needs_human_label}
+        settings = self.settings
+        handled = {
+            "SPAM", "TRASH", settings.replied_label, settings.needs_human_label,
+            settings.drafted_label,
+        }
         refs: list[MessageRef] = []
         for change in changes:
             labels = change.labels
@@ -413,23 +442,42 @@ class Responder:
         )
         if self.dry_run:
             return Outcome(
-                ref, Status.WOULD_REPLY, decision, customer.id, sender, str(reply["Subject"]),
+                ref, Status.WOULD_DRAFT if self.settings.drafting else Status.WOULD_REPLY,
+                decision, customer.id, sender, str(reply["Subject"]),
                 dry_run_text=rendered.text,
                 dry_run_message=bytes(reply),
                 dry_run_html=rendered.html,
             )
 
-        sent_id = self.mailbox.send(bytes(reply), ref.thread_id)
-        self.ledger.record_sent(ref.id, sent_id)
-        self._label_replied(ref)
-        log.info(
-            "replied to %s (%s) in thread %s with a portal link for %s",
-            sender, ref.id, ref.thread_id, customer.id,
-        )
+        self._deliver(ref, bytes(reply), sender, customer.id)
         return Outcome(
-            ref, Status.REPLIED, decision, customer.id, sender, str(reply["Subject"]),
+            ref, self._answered_status(), decision, customer.id, sender, str(reply["Subject"]),
             received_ms=message.internal_date_ms or None,
         )
+
+    def _deliver(self, ref: MessageRef, raw: bytes, sender: str, customer_id: str) -> None:
+        """Send the reply, or leave it as a draft in the thread; record it; label the message.
+
+        A draft is the reply as far as the ledger knows: recorded, resumed and counted by the
+        limits exactly like a sent one, so no second draft (nor a send) ever follows it.
+        """
+        if self.settings.drafting:
+            sent_id = self.mailbox.create_draft(raw, ref.thread_id)
+        else:
+            sent_id = self.mailbox.send(raw, ref.thread_id)
+        self.ledger.record_sent(ref.id, sent_id)
+        self._label_replied(ref)
+        if self.settings.drafting:
+            log.info(
+                "drafted a reply to %s (%s) in thread %s with a portal link for %s, for a person"
+                " to send",
+                sender, ref.id, ref.thread_id, customer_id,
+            )
+        else:
+            log.info(
+                "replied to %s (%s) in thread %s with a portal link for %s",
+                sender, ref.id, ref.thread_id, customer_id,
+            )
 
     def _within_limits(
         self, decision: Decision, message: IncomingMessage, now: datetime
@@ -478,13 +526,16 @@ class Responder:
                 return None
             self.ledger.record_sent(ref.id, sent_id)
         self._label_replied(ref)
-        log.info("message %s: finished the reply an earlier attempt had sent", ref.id)
+        log.info("message %s: finished the reply an earlier attempt had sent (or drafted)", ref.id)
         decision = Decision(Action.REPLY, entry.reasons, entry.sender, entry.subject)
-        return Outcome(ref, Status.REPLIED, decision, entry.customer_id, entry.sender)
+        return Outcome(ref, self._answered_status(), decision, entry.customer_id, entry.sender)
+
+    def _answered_status(self) -> Status:
+        return Status.DRAFTED if self.settings.drafting else Status.REPLIED
 
     def _label_replied(self, ref: MessageRef) -> None:
         remove = [UNREAD] if self.settings.mark_read else []
-        self.mailbox.modify(ref.id, add=[self.settings.replied_label], remove=remove)
+        self.mailbox.modify(ref.id, add=[self.settings.answered_label], remove=remove)
         self.ledger.record_done(ref.id)
 
     def _skip(self, ref: MessageRef, decision: Decision) -> Outcome:

@@ -60,8 +60,16 @@ class Mailbox(Protocol):
         Not retried: on ``TransientServiceError`` the message may or may not have gone out.
         """
 
+    def create_draft(self, raw: bytes, thread_id: str) -> str:
+        """Leave a raw RFC 822 message as a draft in a thread, at most once; the Gmail id of the
+        draft's message (which the thread and an ``rfc822msgid:`` search show, like a sent one).
+
+        Not retried: on ``TransientServiceError`` the draft may or may not have been made.
+        """
+
     def find_sent_reply(self, thread_id: str, message_id: str) -> str | None:
-        """The Gmail id of our reply with this Message-ID (looked for in the thread first)."""
+        """The Gmail id of our reply with this Message-ID (looked for in the thread first), sent
+        or left as a draft."""
 
     def modify(
         self, message_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()

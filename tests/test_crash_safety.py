@@ -1,5 +1,6 @@
 """Kill at every step: a `once` killed with SIGKILL anywhere on a message's way, then run again,
-leaves exactly one reply, with a portal link Stripe minted once, and the message labelled.
+leaves exactly one reply, with a portal link Stripe minted once, and the message labelled. In
+draft mode (``[reply] mode = "draft"``) the same holds for the draft: exactly one, labelled drafted.
 
 Each kill point holds one request's answer back in an emulator (a :class:`Fault` with a
 ``delay``; with ``after=True`` the request is carried out first), waits for a signal that the
@@ -28,17 +29,20 @@ import pytest
 
 from billing_responder.ledger import DONE, SENDING, SENT, LedgerEntry, SqliteLedger
 from billing_responder.sandbox._http import EmulatorServer, Fault
+from billing_responder.sandbox.gmail import StoredMessage
 from billing_responder.sandbox.inbox import person_mail
 from tests.conftest import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 REPLIED = "billing-responder/replied"
+DRAFTED = "billing-responder/drafted"
 CUSTOMER = "ada@example.com"
 #: How long an emulator holds the faulted answer back: the window in which the kill must land.
 HOLD_SECONDS = 1.5
 FAULT_STATUS = 500
 SESSIONS = r"^/v1/billing_portal/sessions$"
 SEND = r"/messages/send$"
+DRAFTS_CREATE = r"/users/me/drafts$"
 MODIFY = r"/messages/[^/]+/modify$"
 
 
@@ -68,6 +72,7 @@ class KillPoint:
     path: str  # regular expression for the held request's path; "" for no fault at all
     after: bool  # the held request is carried out before its (lost) answer
     reached: Callable[[Sandbox, str], bool]
+    mode: str = "send"  # [reply] mode: "draft" leaves the reply as a draft instead
 
     def fault(self) -> Fault | None:
         """A fresh fault (faults count down, so each run needs its own)."""
@@ -115,6 +120,17 @@ KILL_POINTS = [
     KillPoint("label applied, before the ledger said done", "gmail", "POST", MODIFY, True,
               lambda s, g: REPLIED in s.gmail.message_label_names(g)),
 ]
+#: Draft mode differs from sending only from the send on: the same steps with drafts.create.
+DRAFT_KILL_POINTS = [
+    KillPoint("draft mode: session recorded, before drafts.create", "gmail", "POST",
+              DRAFTS_CREATE, False, _session_recorded, "draft"),
+    KillPoint("draft mode: Gmail made the draft, before its answer", "gmail", "POST",
+              DRAFTS_CREATE, True, lambda s, g: bool(s.gmail.drafts()), "draft"),
+    KillPoint("draft mode: draft recorded, before the label", "gmail", "POST", MODIFY, False,
+              _state_is(SENT), "draft"),
+    KillPoint("draft mode: label applied, before the ledger said done", "gmail", "POST", MODIFY,
+              True, lambda s, g: DRAFTED in s.gmail.message_label_names(g), "draft"),
+]
 
 
 def wait_for(condition: Callable[[], object], seconds: float) -> bool:
@@ -155,7 +171,15 @@ class LedgerNotDoneError(Exception):
 
 
 def _params() -> list[object]:
-    return [pytest.param(point, id=point.name) for point in KILL_POINTS]
+    return [pytest.param(point, id=point.name) for point in KILL_POINTS + DRAFT_KILL_POINTS]
+
+
+def replies(sandbox: Sandbox, mode: str) -> list[StoredMessage]:
+    """The replies in the mailbox: sent ones, or in draft mode the drafts (and nothing sent)."""
+    if mode == "send":
+        return sandbox.gmail.sent_messages()
+    assert sandbox.gmail.sent_messages() == []
+    return [draft.message for draft in sandbox.gmail.drafts()]
 
 
 class TestKillAtEveryStep:
@@ -164,6 +188,10 @@ class TestKillAtEveryStep:
         self, sandbox: Sandbox, point: KillPoint
     ) -> None:
         """Killed here and run again: one reply, its link from the one minted session, labelled."""
+        if point.mode == "draft":
+            text = sandbox.config_path.read_text(encoding="utf-8")
+            sandbox.config_path.write_text(text.replace("[reply]\n", '[reply]\nmode = "draft"\n'))
+        label = DRAFTED if point.mode == "draft" else REPLIED
         customer = sandbox.stripe.add_customer(CUSTOMER, name="Ada")
         gmail_id, thread_id = sandbox.gmail.deliver(person_mail(CUSTOMER, "Invoice", "?"))
         fault = point.fault()
@@ -187,11 +215,11 @@ class TestKillAtEveryStep:
 
             assert result.code == 0, result.stderr
             row = ledger_entry(sandbox, gmail_id)
-            sent = sandbox.gmail.sent_messages()
+            sent = replies(sandbox, point.mode)
             assert len(sent) == 1, f"{len(sent)} replies; ledger row: {row}"
             assert sent[0].thread_id == thread_id
             assert sent[0].message["To"] == CUSTOMER
-            assert REPLIED in sandbox.gmail.message_label_names(gmail_id), row
+            assert label in sandbox.gmail.message_label_names(gmail_id), row
             # One session overall: a resumed attempt replays its session under the same key.
             sessions = sandbox.stripe.portal_sessions()
             assert [s.customer for s in sessions] == [customer]

@@ -15,6 +15,10 @@ leaves nothing for later, at most three. Then every delivered email has exactly 
 thread, addressed to its sender and carrying the link of the one portal session minted for it,
 the original is labelled replied, and its ledger row is done.
 
+Each schedule runs in one ``[reply] mode``, drawn with it: in draft mode the reply is a draft
+(drafts.create where a send would be; the crash points on ``send`` apply to it), nothing is sent,
+and the original is labelled drafted.
+
 Why at most one portal session per message holds at every crash point: the idempotency key is
 derived from the Gmail id and the reply's Message-ID, recorded (``record_intent``) before the
 mint; an attempt interrupted before its send was confirmed is resumed under the same Message-ID,
@@ -31,6 +35,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -44,10 +49,13 @@ from tests.conftest import Sandbox
 from tests.test_responder import _time_passes
 
 REPLIED = "billing-responder/replied"
+DRAFTED = "billing-responder/drafted"
 MAX_STEPS = 8
 CLEAN_RUNS = 3
 EXAMPLES = 100
 SEND = r"/messages/send$"
+DRAFTS_CREATE = r"/users/me/drafts$"
+MODES = ("send", "draft")
 
 
 class Crash(BaseException):  # the process dying, not an error to handle
@@ -59,11 +67,15 @@ class CrashPoint:
     """Where a run dies: the ``call``-th call of ``port.method``, ``when`` relative to it."""
 
     port: str  # "mailbox", "billing" or "ledger": the responder attribute wrapped
-    method: str
+    method: str  # "send" stands for create_draft in draft mode
     when: str  # "before" (not carried out), "after" (carried out, answer lost), "lost" (503)
 
     def __str__(self) -> str:
         return f"{self.when} {self.port}.{self.method}"
+
+    def method_in(self, mode: str) -> str:
+        """The port method this point wraps in ``mode``."""
+        return "create_draft" if mode == "draft" and self.method == "send" else self.method
 
 
 CRASH_POINTS = [
@@ -90,6 +102,7 @@ class Trigger:
     point: CrashPoint
     call: int
     sandbox: Sandbox
+    mode: str = "send"
     calls: int = 0
     fired: bool = False
 
@@ -117,8 +130,9 @@ class CrashingPort:
             if when == "before":
                 raise Crash(str(trigger.point))
             if when == "lost":
+                path = DRAFTS_CREATE if trigger.mode == "draft" else SEND
                 trigger.sandbox.gmail.inject_fault(
-                    Fault(503, method="POST", path=SEND, after=True)
+                    Fault(503, method="POST", path=path, after=True)
                 )
                 return attribute(*args, **kwargs)
             attribute(*args, **kwargs)
@@ -134,10 +148,11 @@ def run(world: World, crash: tuple[CrashPoint, int] | None = None) -> set[str]:
     trigger = None
     if crash is not None:
         point, call = crash
-        trigger = Trigger(point, call, sandbox)
+        trigger = Trigger(point, call, sandbox, world.mode)
         responder = service.responder
+        method = point.method_in(world.mode)
         setattr(responder, point.port,
-                CrashingPort(getattr(responder, point.port), point.method, trigger))
+                CrashingPort(getattr(responder, point.port), method, trigger))
     try:
         report = service.cycle()
     except Crash:
@@ -173,13 +188,19 @@ class World:
 
     sandbox: Sandbox
     senders: list[str]
+    mode: str = "send"  # [reply] mode
     delivered: list[tuple[str, str, str]] = field(default_factory=list)  # gmail id, thread, sender
     fired: int = 0  # how many scheduled crashes (or lost answers) went off
     events: list[str] = field(default_factory=list)  # for Hypothesis's statistics
 
 
-def fresh_world(sandbox: Sandbox) -> World:
-    """Empty emulators, no state database, and one Stripe customer per possible delivery."""
+def fresh_world(sandbox: Sandbox, mode: str = "send") -> World:
+    """Empty emulators, no state database, one Stripe customer per possible delivery, and the
+    config in ``mode``."""
+    text = sandbox.config_path.read_text(encoding="utf-8").replace('mode = "draft"\n', "")
+    if mode == "draft":
+        text = text.replace("[reply]\n", '[reply]\nmode = "draft"\n')
+    sandbox.config_path.write_text(text, encoding="utf-8")
     sandbox.gmail.reset()
     sandbox.stripe.reset()
     for suffix in ("", "-wal", "-shm"):
@@ -187,7 +208,7 @@ def fresh_world(sandbox: Sandbox) -> World:
     senders = [f"customer{i}@example.com" for i in range(MAX_STEPS)]
     for i, sender in enumerate(senders):
         sandbox.stripe.add_customer(sender, name=f"Customer {i}")
-    return World(sandbox, senders)
+    return World(sandbox, senders, mode)
 
 
 def play(world: World, schedule: list[Step]) -> None:
@@ -229,7 +250,13 @@ def check_exactly_one_reply_each(world: World) -> None:
     """The property: one reply per delivered email, in its thread, labelled, one session each."""
     sandbox = world.sandbox
     replies: defaultdict[str, list[EmailMessage]] = defaultdict(list)
-    for sent in sandbox.gmail.sent_messages():
+    made = sandbox.gmail.sent_messages()
+    label = REPLIED
+    if world.mode == "draft":
+        assert made == [], "a reply was sent in draft mode"
+        made = [draft.message for draft in sandbox.gmail.drafts()]
+        label = DRAFTED
+    for sent in made:
         replies[sent.thread_id].append(sent.message)
     sessions = defaultdict(list)
     for session in sandbox.stripe.portal_sessions():
@@ -243,7 +270,7 @@ def check_exactly_one_reply_each(world: World) -> None:
             in_thread = replies[thread_id]
             assert len(in_thread) == 1, f"{len(in_thread)} replies to {gmail_id} ({sender})"
             assert in_thread[0]["To"] == sender
-            assert REPLIED in sandbox.gmail.message_label_names(gmail_id)
+            assert label in sandbox.gmail.message_label_names(gmail_id)
             minted = sessions[gmail_id]
             assert len(minted) == 1, f"{len(minted)} portal sessions for {gmail_id}"
             assert minted[0].url in text_of(in_thread[0])
@@ -268,22 +295,25 @@ class TestAnySchedule:
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(schedule=schedules)
+    @given(schedule=schedules, mode=st.sampled_from(MODES))
     def test_arrivals_crashes_and_restarts_end_with_one_reply_per_email(
-        self, sandbox: Sandbox, schedule: list[Step]
+        self, sandbox: Sandbox, schedule: list[Step], mode: str
     ) -> None:
-        """Whatever the schedule, each delivered billing email ends with exactly one reply, labelled, from one portal session."""
-        world = fresh_world(sandbox)
+        """Whatever the schedule and mode, each delivered billing email ends with exactly one reply (or draft), labelled, from one portal session."""
+        world = fresh_world(sandbox, mode)
         play(world, schedule)
         for happened in {*world.events, f"{world.fired} crashes fired",
-                         f"{len(world.delivered)} emails delivered"}:
+                         f"{len(world.delivered)} emails delivered", f"mode {mode}"}:
             event(happened)
         check_exactly_one_reply_each(world)
 
-    def test_every_crash_point_is_reached_and_recovered_from(self, sandbox: Sandbox) -> None:
+    @pytest.mark.parametrize("mode", MODES)
+    def test_every_crash_point_is_reached_and_recovered_from(
+        self, sandbox: Sandbox, mode: str
+    ) -> None:
         """Each crash point fires on an interrupted attempt's resumption, and one reply follows."""
         for point in CRASH_POINTS:
-            world = fresh_world(sandbox)
+            world = fresh_world(sandbox, mode)
             play(world, [("deliver", None), ("run", (CRASH_POINTS[1], 1)), ("run", (point, 1))])
             assert world.fired == 2, f"{point} was not reached"
             check_exactly_one_reply_each(world)
