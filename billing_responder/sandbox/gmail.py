@@ -56,6 +56,7 @@ from billing_responder.sandbox.gmail_message import (
     normalised_subject,
     parse,
 )
+from billing_responder.sandbox.gmail_oauth import AUTHORIZE_PATHS, GoogleOAuth
 
 __all__ = ["SYSTEM_LABELS", "GmailEmulator", "StoredDraft", "StoredMessage"]
 
@@ -179,6 +180,8 @@ class GmailEmulator(EmulatorServer):
     def _reset_state(self) -> None:
         with self._lock:
             self._revoked = False
+            # Consent screen, code exchange and service accounts (gmail_oauth.py).
+            self.oauth = GoogleOAuth(self)
             self._messages: dict[str, MailboxMessage] = {}
             self._threads: dict[str, list[str]] = {}
             self._drafts: dict[str, str] = {}  # draft id -> the id of the message it holds
@@ -311,7 +314,9 @@ class GmailEmulator(EmulatorServer):
 
     def route(self, request: RecordedRequest) -> Response:
         if request.path == "/token":
-            return self._token(request)
+            return self.oauth.token(request, refresh=self._token)
+        if request.path in AUTHORIZE_PATHS:
+            return self.oauth.authorize(request)
         try:
             return self._api(request)
         except GmailApiError as exc:
