@@ -23,6 +23,7 @@ import http.client
 import json
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ import httplib2
 import requests
 from google.auth.exceptions import GoogleAuthError, RefreshError, TransportError
 from google.auth.transport.requests import AuthorizedSession
+from google.oauth2 import service_account
 from google.oauth2.credentials import Credentials
 from googleapiclient.discovery import build
 from googleapiclient.errors import HttpError
@@ -65,8 +67,16 @@ _HISTORY_TYPES = ("messageAdded", "labelAdded", "labelRemoved")
 _HISTORY_KINDS = ("messagesAdded", "labelsAdded", "labelsRemoved")
 
 
-def load_credentials(config: GmailConfig) -> Credentials:
-    """Read the authorised-user token file (the client refreshes the access token when needed)."""
+#: An authorised user's token (``billing-responder auth``), or a Workspace service account acting
+#: as the mailbox's user through domain-wide delegation.
+GmailCredentials = Credentials | service_account.Credentials
+
+
+def load_credentials(config: GmailConfig) -> GmailCredentials:
+    """The credentials ``[gmail]`` names: the service account key file when one is set, else the
+    authorised-user token file (the client refreshes the access token when needed)."""
+    if config.service_account_file is not None:
+        return _service_account_credentials(config, config.service_account_file)
     path = config.token_file
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -89,6 +99,37 @@ def load_credentials(config: GmailConfig) -> Credentials:
     return credentials
 
 
+def _service_account_credentials(config: GmailConfig, path: Path) -> service_account.Credentials:
+    try:
+        credentials: service_account.Credentials = (
+            service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                str(path), scopes=list(SCOPES), subject=config.delegated_user
+            )
+        )
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        raise GmailAuthError(
+            f"no service account key file at {path} (README: Gmail credentials)"
+        ) from None
+    except OSError as exc:
+        raise GmailAuthError(
+            f"cannot read the service account key file {path}: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:  # not JSON, missing fields, a private key that does not parse
+        raise GmailAuthError(f"{path} is not a service account key file: {exc}") from None
+    if mode & 0o077:
+        log.warning(
+            "the service account key file %s is open to other users (mode %04o); make it "
+            "readable by its owner only: chmod 600 %s",
+            path, mode, path,
+        )
+    if config.token_uri:
+        # Whatever token_uri the key file holds, as for token files: an emulator or proxy is
+        # named in the config.
+        credentials = credentials.with_token_uri(config.token_uri)
+    return credentials
+
+
 def save_credentials(credentials: Credentials, path: Path) -> None:
     """Write the token file atomically, readable by its owner only."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -107,7 +148,7 @@ def save_credentials(credentials: Credentials, path: Path) -> None:
 class GmailMailbox:
     """The mailbox, through the real Gmail API client."""
 
-    def __init__(self, config: GmailConfig, credentials: Credentials) -> None:
+    def __init__(self, config: GmailConfig, credentials: GmailCredentials) -> None:
         self._config = config
         self._credentials = credentials
         self._saved_token = credentials.token
@@ -230,8 +271,11 @@ class GmailMailbox:
         """Write the token file back if the client refreshed the access token meanwhile.
 
         Not fatal when it fails: the refresh token in the file still works, the next start just
-        refreshes once more.
+        refreshes once more. A service account has nothing to write: it signs a new assertion
+        whenever it needs an access token.
         """
+        if not isinstance(self._credentials, Credentials):
+            return
         if self._credentials.token == self._saved_token:
             return
         try:
@@ -440,10 +484,22 @@ def _json_error(response: requests.Response) -> str:
 
 def _refresh_problem(exc: RefreshError) -> str:
     text = str(exc)
+    if "Invalid JWT" in text or "account not found" in text:
+        # A service account's assertion refused: its key was deleted, or the clock is off.
+        detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else text
+        return (
+            f"the service account key was refused ({detail}); create a new key, point "
+            "[gmail] service_account_file at it, and check this computer's clock"
+        )
     if "invalid_grant" in text:
         return (
             "the refresh token was refused (invalid_grant: expired or revoked); authorise the "
             "mailbox again and replace the token file (README: Gmail credentials)"
+        )
+    if "unauthorized_client" in text:
+        return (
+            "the service account may not act as the mailbox (unauthorized_client): in the Google "
+            "Admin console, grant its client ID domain-wide delegation for the gmail.modify scope"
         )
     return f"cannot refresh the access token: {text}"
 
