@@ -182,6 +182,8 @@ class GmailEmulator(EmulatorServer):
             self._revoked = False
             # Consent screen, code exchange and service accounts (gmail_oauth.py).
             self.oauth = GoogleOAuth(self)
+            #: What the refresh token was granted at consent (space-separated scopes).
+            self.granted_scope = DEFAULT_SCOPE
             self._messages: dict[str, MailboxMessage] = {}
             self._threads: dict[str, list[str]] = {}
             self._drafts: dict[str, str] = {}  # draft id -> the id of the message it holds
@@ -353,15 +355,28 @@ class GmailEmulator(EmulatorServer):
             valid = not self._revoked and form.get("refresh_token") == self.refresh_token
         if not valid:
             return refuse("invalid_grant", "Token has been expired or revoked.")
+        scope = self._refreshed_scope(form.get("scope", ""))
+        if scope is None:
+            return refuse("invalid_scope", "Bad Request")
         return Response.json(
             200,
             {
                 "access_token": self.issue_access_token(),
                 "expires_in": ACCESS_TOKEN_LIFETIME,
-                "scope": form.get("scope") or DEFAULT_SCOPE,
+                "scope": scope,
                 "token_type": "Bearer",
             },
         )
+
+    def _refreshed_scope(self, requested: str) -> str | None:
+        """The scope a refreshed access token carries: the one asked for when the grant covers
+        it, the whole grant when none was asked for; None when more was asked for than was
+        granted, which Google refuses with ``invalid_scope`` (RFC 6749 section 6)."""
+        with self._lock:
+            granted = self.granted_scope
+        if not requested.split():
+            return granted
+        return requested if set(requested.split()) <= set(granted.split()) else None
 
     def _authenticate(self, request: RecordedRequest) -> None:
         header = request.headers.get("authorization", "")
