@@ -39,6 +39,7 @@ from billing_responder.sandbox.inbox import MAILBOX, person_mail
 from tests.conftest import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
+READONLY = "https://www.googleapis.com/auth/gmail.readonly"
 _URL = re.compile(r"^\s+(http://127\.0\.0\.1:\d+/o/oauth2/auth\?\S+)$")
 
 
@@ -462,6 +463,22 @@ class TestEmulatorOAuth:
         assert self._exchange(sandbox, code=code, code_verifier=verifier)[1]["error"] == (
             "invalid_grant"
         )
+
+    def test_the_refresh_token_covers_only_what_the_user_granted(self, sandbox: Sandbox) -> None:
+        """Consent to gmail.readonly alone: refreshing for gmail.modify is invalid_scope, as at Google."""
+        flow = self._flow(sandbox)
+        flow.oauth2session.scope = [READONLY]
+        code = self._code(sandbox, flow)
+        status, tokens = self._exchange(sandbox, code=code, code_verifier=flow.code_verifier)
+        assert status == 200 and tokens["scope"] == READONLY
+        with requests.Session() as session:
+            session.trust_env = False
+            answer = session.post(f"{sandbox.gmail.url}/token", timeout=10, data={
+                "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
+                "client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET,
+                "scope": GMAIL_MODIFY,
+            })
+        assert (answer.status_code, answer.json()["error"]) == (400, "invalid_scope")
 
     def test_a_redirect_off_this_machine_gets_an_error_page_not_a_redirect(
         self, sandbox: Sandbox

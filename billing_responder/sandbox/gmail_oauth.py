@@ -366,9 +366,11 @@ class GoogleOAuth:
         }
         if issued.refresh:
             # The emulator has one user and one grant: a fresh consent makes that grant good
-            # again after GmailEmulator.revoke(), as a new refresh token would at Google.
+            # again after GmailEmulator.revoke(), as a new refresh token would at Google, and
+            # what it covers is what the user granted this time.
             with emulator._lock:
                 emulator._revoked = False
+                emulator.granted_scope = " ".join(issued.scopes)
             answer["refresh_token"] = emulator.refresh_token
         return Response.json(200, answer, {"Cache-Control": "no-cache, no-store, max-age=0"})
 
