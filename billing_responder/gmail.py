@@ -65,6 +65,23 @@ _RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 #: message is no candidate, and its last label record is answered 404 on fetch.
 _HISTORY_TYPES = ("messageAdded", "labelAdded", "labelRemoved")
 _HISTORY_KINDS = ("messagesAdded", "labelsAdded", "labelsRemoved")
+#: Quota units per call of the methods we use, from Google's table ("Usage limits", per-method
+#: quota usage), keyed by the client's method id. A method missing here counts as 5, what most
+#: methods cost, rather than as free.
+QUOTA_UNITS: dict[str, int] = {
+    "gmail.users.getProfile": 1,
+    "gmail.users.settings.sendAs.list": 1,
+    "gmail.users.labels.list": 1,
+    "gmail.users.labels.create": 5,
+    "gmail.users.history.list": 2,
+    "gmail.users.messages.list": 5,
+    "gmail.users.messages.get": 5,
+    "gmail.users.messages.modify": 5,
+    "gmail.users.messages.send": 100,
+    "gmail.users.threads.get": 10,
+    "gmail.users.drafts.create": 10,
+}
+_UNLISTED_UNITS = 5
 
 
 #: An authorised user's token (``billing-responder auth``), or a Workspace service account acting
@@ -148,8 +165,16 @@ def save_credentials(credentials: Credentials, path: Path) -> None:
 class GmailMailbox:
     """The mailbox, through the real Gmail API client."""
 
-    def __init__(self, config: GmailConfig, credentials: GmailCredentials) -> None:
+    def __init__(
+        self,
+        config: GmailConfig,
+        credentials: GmailCredentials,
+        *,
+        on_quota: Callable[[int], None] = lambda units: None,
+    ) -> None:
         self._config = config
+        #: Told the quota units of every request made, each attempt counted (for metrics).
+        self._on_quota = on_quota
         self._credentials = credentials
         self._saved_token = credentials.token
         # httplib2 re-sends a request, POSTs included, when its connection closes without an
@@ -366,6 +391,7 @@ class GmailMailbox:
         ``__init__``); its JSON answer. Every failure is transient except a refused credential:
         the next cycle looks for what may have been made before trying again."""
         headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        self._spend_quota(request)
         try:
             response = self._send_session.request(  # type: ignore[no-untyped-call]
                 request.method,
@@ -403,8 +429,13 @@ class GmailMailbox:
         calls that must not be repeated blindly (a send). ``not_found`` makes the error a 404
         means for this call.
         """
+
+        def execute() -> Any:
+            self._spend_quota(request)
+            return request.execute()
+
         try:
-            return GMAIL_RETRY.call(request.execute) if retry else request.execute()
+            return GMAIL_RETRY.call(execute) if retry else execute()
         except RefreshError as exc:
             raise GmailAuthError(_refresh_problem(exc)) from None
         except HttpError as exc:
@@ -424,6 +455,10 @@ class GmailMailbox:
             raise TransientServiceError("Gmail", problem) from None
         except GoogleAuthError as exc:
             raise GmailAuthError(str(exc)) from None
+
+    def _spend_quota(self, request: Any) -> None:
+        """Report one attempt of ``request``; every Gmail request goes through here first."""
+        self._on_quota(QUOTA_UNITS.get(request.methodId, _UNLISTED_UNITS))
 
 
 def _change(message: dict[str, Any], label_names: dict[str, str]) -> MailboxChange:

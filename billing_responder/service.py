@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from billing_responder.billing import StripeBilling, key_mode
 from billing_responder.config import Config, stripe_api_key
-from billing_responder.errors import ConfigError, StateError
+from billing_responder.errors import ConfigError, FatalServiceError, StateError
 from billing_responder.gmail import GmailMailbox, load_credentials
 from billing_responder.ledger import SqliteLedger
+from billing_responder.metrics import Metrics, start_metrics
 from billing_responder.pipeline import CycleReport, Outcome, Responder, Settings
 from billing_responder.render import ReplyRenderer
 
@@ -25,6 +27,7 @@ class Service:
     mailbox: GmailMailbox
     billing: StripeBilling
     ledger: SqliteLedger
+    metrics: Metrics = field(default_factory=Metrics)
 
     def cycle(
         self,
@@ -33,24 +36,42 @@ class Service:
         on_outcome: Callable[[Outcome], None] = lambda outcome: None,
     ) -> CycleReport:
         """One poll cycle; a refreshed Gmail access token is written back afterwards."""
+
+        def observed(outcome: Outcome) -> None:
+            self.metrics.outcome(outcome)
+            on_outcome(outcome)
+
+        started, succeeded = time.monotonic(), False
         try:
-            return self.responder.cycle(should_stop=should_stop, on_outcome=on_outcome)
+            report = self.responder.cycle(should_stop=should_stop, on_outcome=observed)
+            succeeded = True
+            return report
+        except FatalServiceError as exc:
+            self.metrics.fatal_error(exc.service)
+            raise
         finally:
+            self.metrics.cycle_finished(time.monotonic() - started, succeeded=succeeded)
             if not self.responder.dry_run:
                 self.mailbox.persist_refreshed_token()
 
     def close(self) -> None:
-        """Release the connections and the database."""
-        self.mailbox.close()
-        self.billing.close()
-        self.ledger.close()
+        """Release the connections, the database and the metrics endpoint."""
+        try:
+            self.mailbox.close()
+            self.billing.close()
+            self.ledger.close()
+        finally:
+            self.metrics.close()
 
 
 def build_service(config: Config, *, dry_run: bool) -> Service:
     """Build the responder from ``config`` and check both services once."""
     api_key = stripe_api_key(config)
     renderer = ReplyRenderer(config.reply.templates_dir, config_path=str(config.path))
-    mailbox = GmailMailbox(config.gmail, load_credentials(config.gmail))
+    credentials = load_credentials(config.gmail)
+    # Before any service is called: a port in use fails the start at once, with nothing done.
+    metrics = start_metrics(config)
+    mailbox = GmailMailbox(config.gmail, credentials, on_quota=metrics.gmail_quota)
     billing = StripeBilling(
         api_key,
         api_base=config.stripe.api_base,
@@ -64,11 +85,12 @@ def build_service(config: Config, *, dry_run: bool) -> Service:
     except StateError as exc:
         mailbox.close()
         billing.close()
+        metrics.close()
         raise ConfigError(str(config.path), "state.database", str(exc)) from None
     responder = Responder(
         mailbox, billing, ledger, renderer, Settings.from_config(config), dry_run=dry_run
     )
-    service = Service(responder, mailbox, billing, ledger)
+    service = Service(responder, mailbox, billing, ledger, metrics)
     try:
         responder.start()
     except BaseException:
