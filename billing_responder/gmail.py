@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import google.auth.credentials
+import google.auth.transport.requests
 import google_auth_httplib2
 import httplib2
 import requests
@@ -114,6 +116,25 @@ def load_credentials(config: GmailConfig) -> GmailCredentials:
         # configured explicitly.
         credentials = credentials.with_token_uri(config.token_uri)
     return credentials
+
+
+def refresh_now(credentials: google.auth.credentials.Credentials) -> frozenset[str] | None:
+    """Refresh the access token now; the scopes Google says it granted (None: not reported).
+
+    A refresh proves the refresh token still works, which a call made with a still-valid access
+    token would not. Nothing is written: the caller decides whether to keep the new token.
+    """
+    session = requests.Session()
+    try:
+        credentials.refresh(google.auth.transport.requests.Request(session))  # type: ignore[no-untyped-call]
+    except RefreshError as exc:
+        raise GmailAuthError(_refresh_problem(exc)) from None
+    except TransportError as exc:
+        raise ServiceUnavailableError("Gmail", f"token endpoint unreachable ({exc})") from None
+    finally:
+        session.close()
+    granted = getattr(credentials, "granted_scopes", None)
+    return frozenset(granted) if granted else None
 
 
 def _service_account_credentials(config: GmailConfig, path: Path) -> service_account.Credentials:
@@ -328,9 +349,12 @@ class GmailMailbox:
             internal_date_ms=int(data.get("internalDate", 0)),
         )
 
-    def send(self, raw: bytes, thread_id: str) -> str:
-        """Send a raw RFC 822 message in ``thread_id``; returns the sent message's Gmail id."""
-        body = {"raw": base64.urlsafe_b64encode(raw).decode("ascii"), "threadId": thread_id}
+    def send(self, raw: bytes, thread_id: str | None) -> str:
+        """Send a raw RFC 822 message in ``thread_id`` (None: a new conversation); returns the
+        sent message's Gmail id."""
+        body = {"raw": base64.urlsafe_b64encode(raw).decode("ascii")}
+        if thread_id is not None:
+            body["threadId"] = thread_id
         # Not a media upload: the client builds upload URLs with https even for an http endpoint.
         request = self._service.users().messages().send(userId=self._user, body=body)
         return str(self._post_once(request, "send")["id"])
@@ -535,6 +559,12 @@ def _refresh_problem(exc: RefreshError) -> str:
         return (
             "the service account may not act as the mailbox (unauthorized_client): in the Google "
             "Admin console, grant its client ID domain-wide delegation for the gmail.modify scope"
+        )
+    if "invalid_scope" in text:
+        # Google refuses a refresh that asks for more than the user granted at consent.
+        return (
+            "the authorisation does not cover the scope gmail.modify (invalid_scope); authorise "
+            "the mailbox again, granting it (README: Gmail credentials)"
         )
     return f"cannot refresh the access token: {text}"
 

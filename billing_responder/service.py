@@ -64,6 +64,18 @@ class Service:
             self.metrics.close()
 
 
+def open_billing(config: Config, api_key: str) -> StripeBilling:
+    """Stripe as ``[stripe]`` says (the commands beside the daemon use it too)."""
+    return StripeBilling(
+        api_key,
+        api_base=config.stripe.api_base,
+        return_url=config.stripe.return_url,
+        portal_configuration=config.stripe.portal_configuration,
+        locale=config.stripe.locale,
+        timeout_seconds=config.stripe.timeout_seconds,
+    )
+
+
 def build_service(config: Config, *, dry_run: bool) -> Service:
     """Build the responder from ``config`` and check both services once."""
     api_key = stripe_api_key(config)
@@ -72,14 +84,7 @@ def build_service(config: Config, *, dry_run: bool) -> Service:
     # Before any service is called: a port in use fails the start at once, with nothing done.
     metrics = start_metrics(config)
     mailbox = GmailMailbox(config.gmail, credentials, on_quota=metrics.gmail_quota)
-    billing = StripeBilling(
-        api_key,
-        api_base=config.stripe.api_base,
-        return_url=config.stripe.return_url,
-        portal_configuration=config.stripe.portal_configuration,
-        locale=config.stripe.locale,
-        timeout_seconds=config.stripe.timeout_seconds,
-    )
+    billing = open_billing(config, api_key)
     try:
         ledger = SqliteLedger(config.state.database, read_only=dry_run)
     except StateError as exc:
