@@ -112,6 +112,13 @@ class StripeBilling:
         except TransientServiceError as exc:
             raise ServiceUnavailableError("Stripe", str(exc).removeprefix("Stripe: ")) from None
 
+    def verify_subscriptions(self) -> None:
+        """One cheap call that needs the subscription read permission customer lookups use."""
+        try:
+            self._call(lambda: self._client.v1.subscriptions.list(params={"limit": 1}))
+        except TransientServiceError as exc:
+            raise ServiceUnavailableError("Stripe", str(exc).removeprefix("Stripe: ")) from None
+
     def find_customers(self, email: str) -> list[Customer]:
         """Every customer whose email may equal ``email`` regardless of case.
 
