@@ -255,7 +255,7 @@ def _once(config: Config, *, dry_run: bool, review: Path | None = None) -> int:
             print_dry_run_outcome(outcome)
             page.add(outcome)
 
-    service = build_service(config, dry_run=dry_run)
+    service = build_service(config, dry_run=dry_run, serve_metrics=False)
     try:
         report = service.cycle(on_outcome=on_outcome)
     finally:

@@ -30,7 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from billing_responder.errors import BillingResponderError, ServiceUnavailableError
 from billing_responder.notify import SystemdNotifier
-from billing_responder.pipeline import QUIET, CycleReport, Outcome, Status
+from billing_responder.pipeline import ANSWERED, QUIET, CycleReport, Outcome
 from billing_responder.retry import clear_stop, request_stop
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,9 @@ class Daemon:
             self._stop.set()
             return
         self._last_progress = time.monotonic()
-        self._replies += report.count(Status.REPLIED)
+        self._replies += sum(report.count(status) for status in ANSWERED)
         self._notifier.status(
-            f"last cycle {_now()}: {report.summary()}; {self._replies} replied since start"
+            f"last cycle {_now()}: {report.summary()}; {self._replies} answered since start"
         )
         if any(o.status not in QUIET for o in report.outcomes):
             log.info("cycle done: %s", report.summary())

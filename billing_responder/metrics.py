@@ -7,7 +7,7 @@ share counts). Counters start at zero with the process:
     billing_responder_messages_total{decision}       every message looked at, by what became of
                                                       it: replied, skipped, escalated, deferred,
                                                       waiting, already_handled, would_reply...
-    billing_responder_replies_total                   replies sent
+    billing_responder_replies_total                   replies sent (or left as drafts in draft mode)
     billing_responder_escalations_total               messages labelled needs-human
     billing_responder_errors_total{service}           a message deferred by that service's error,
                                                       or a cycle stopped by it (gmail, stripe,
@@ -17,7 +17,7 @@ share counts). Counters start at zero with the process:
                                                       attempt counted
     billing_responder_cycle_duration_seconds          histogram: one poll cycle, start to end
     billing_responder_reply_latency_seconds           histogram: from Gmail receiving a message to
-                                                      the reply going out
+                                                      the reply going out (or the draft made)
     billing_responder_last_success_timestamp_seconds  when the last cycle ended without error
                                                       (0: none yet)
     process_*                                         CPU, memory, open files, start time
@@ -45,7 +45,7 @@ from prometheus_client import (
 
 from billing_responder.config import Config, parse_listen
 from billing_responder.errors import ConfigError
-from billing_responder.pipeline import Outcome, Status
+from billing_responder.pipeline import ANSWERED, Outcome, Status
 from billing_responder.retry import observe_retries
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class PrometheusMetrics(Metrics):
             registry=registry,
         )
         self._replies = Counter(
-            "billing_responder_replies", "Replies sent.", registry=registry
+            "billing_responder_replies",
+            "Replies sent, or drafted in draft mode.",
+            registry=registry,
         )
         self._escalations = Counter(
             "billing_responder_escalations",
@@ -170,7 +172,7 @@ class PrometheusMetrics(Metrics):
     def outcome(self, outcome: Outcome) -> None:
         """Count the outcome; a reply's arrival-to-reply time goes into the latency histogram."""
         self._messages.labels(decision=decision_label(outcome.status)).inc()
-        if outcome.status is Status.REPLIED:
+        if outcome.status in ANSWERED:
             self._replies.inc()
             if outcome.received_ms:
                 self._latency.observe(max(0.0, self._clock() - outcome.received_ms / 1000))

@@ -76,13 +76,16 @@ def open_billing(config: Config, api_key: str) -> StripeBilling:
     )
 
 
-def build_service(config: Config, *, dry_run: bool) -> Service:
-    """Build the responder from ``config`` and check both services once."""
+def build_service(config: Config, *, dry_run: bool, serve_metrics: bool = True) -> Service:
+    """Build the responder from ``config`` and check both services once.
+
+    ``serve_metrics=False`` leaves ``[metrics] listen`` alone: a one-off cycle (``once``) beside
+    the running daemon must not fight it for the port, and one cycle's counts are no series."""
     api_key = stripe_api_key(config)
     renderer = ReplyRenderer(config.reply.templates_dir, config_path=str(config.path))
     credentials = load_credentials(config.gmail)
     # Before any service is called: a port in use fails the start at once, with nothing done.
-    metrics = start_metrics(config)
+    metrics = start_metrics(config) if serve_metrics else Metrics()
     mailbox = GmailMailbox(config.gmail, credentials, on_quota=metrics.gmail_quota)
     billing = open_billing(config, api_key)
     try:

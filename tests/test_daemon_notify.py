@@ -103,7 +103,7 @@ class TestNotifications:
         sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
         process = start_daemon(sandbox, notify_socket)
         try:
-            assert notify_socket.collect_until("1 replied since start"), notify_socket.texts()
+            assert notify_socket.collect_until("1 answered since start"), notify_socket.texts()
             notify_socket.collect(3)
         finally:
             code, err = terminate(process)

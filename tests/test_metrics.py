@@ -22,6 +22,7 @@ from billing_responder.sandbox.inbox import person_mail
 from billing_responder.service import Service, build_service
 from tests.conftest import Sandbox
 from tests.test_cli import start_daemon, stop, wait_for
+from tests.test_draft_mode import draft_mode
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PORTAL = "/v1/billing_portal/sessions"
@@ -188,6 +189,45 @@ class TestDaemon:
             code, _, _, err = stop(process)
         assert code == 0, err
         assert ports == set()
+
+
+    def test_once_beside_a_serving_daemon_answers_without_touching_the_port(
+        self, sandbox: Sandbox, metrics_port: int
+    ) -> None:
+        """`once` with [metrics] listen set to a port already served (the daemon's) still answers mail and exits 0; the port stays the daemon's."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
+        with socket.socket() as daemons:
+            daemons.bind(("127.0.0.1", metrics_port))
+            daemons.listen()
+            result = sandbox.cli("once")
+            assert daemons.getsockname()[1] == metrics_port
+        assert result.code == 0, result.stderr
+        assert "metrics" not in result.stderr
+        assert len(sandbox.gmail.sent_messages()) == 1
+
+    def test_a_draft_counts_as_a_reply_with_its_latency(
+        self, sandbox: Sandbox, metrics_port: int
+    ) -> None:
+        """In draft mode, `run` counts the draft it made in replies_total, messages{drafted} and the latency histogram."""
+        sandbox.set_config("[schedule]\ninterval_seconds = 3600")
+        draft_mode(sandbox)
+        sandbox.stripe.add_customer("ada@example.com")
+        ms = int(time.time() * 1000)
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"),
+                              internal_date_ms=ms - 600_000)
+        process = start_daemon(sandbox)
+        try:
+            assert wait_for(lambda: scrape_once_ready(metrics_port)), "no successful cycle"
+            samples = scrape(metrics_port)
+        finally:
+            code, _, _, err = stop(process)
+        assert code == 0, err
+        assert sandbox.gmail.sent_messages() == [] and len(sandbox.gmail.drafts()) == 1
+        assert value(samples, "billing_responder_messages_total", decision="drafted") == 1
+        assert value(samples, "billing_responder_replies_total") == 1
+        assert value(samples, "billing_responder_reply_latency_seconds_count") == 1
+        assert value(samples, "billing_responder_reply_latency_seconds_bucket", le="300.0") == 0
 
 
 class TestInProcess:
