@@ -136,9 +136,9 @@ def decision_label(entry: HistoryEntry) -> str:
 
 
 def reply_sent(entry: HistoryEntry) -> bool | None:
-    """Whether Gmail accepted a reply: True, False, or None while a send is in doubt."""
+    """Whether Gmail sent a reply: True, False (also for a draft), or None while in doubt."""
     if entry.sent_gmail_id:
-        return True
+        return not entry.reply_drafted
     if entry.state == SENDING:
         return None
     return False
@@ -170,6 +170,7 @@ def entry_json(entry: HistoryEntry, *, full: bool) -> dict[str, object]:
         "decision": decision_label(entry),
         "reasons": [hide(reason) for reason in entry.reasons],
         "reply_sent": reply_sent(entry),
+        "reply_drafted": entry.reply_drafted,
         "customer_id": entry.customer_id,
         "portal_session_id": entry.portal_session_id,
         "reply_message_id": entry.reply_message_id,
@@ -213,11 +214,17 @@ def table_row(entry: HistoryEntry, *, full: bool) -> tuple[str, ...]:
         _sender(entry.sender, full) or "-",
         hide(entry.subject) or "-",
         decision_label(entry),
-        "in doubt" if sent is None else "yes" if sent else "no",
+        _sent_cell(entry, sent),
         entry.customer_id or "-",
         hide("; ".join(why(entry))) or "-",
     )
     return tuple(terminal_safe(cell) for cell in cells)
+
+
+def _sent_cell(entry: HistoryEntry, sent: bool | None) -> str:
+    if entry.reply_drafted:
+        return "draft"  # left in the thread for a person to send (draft mode)
+    return "in doubt" if sent is None else "yes" if sent else "no"
 
 
 def format_table(rows: Sequence[tuple[str, ...]], columns: int, *, color: bool = False) -> str:

@@ -88,14 +88,24 @@ _MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX messages_updated_at ON messages (updated_at);
         """,
     ),
+    (
+        # Draft mode: the reply was left as a Gmail draft for a person to send. The ledger counts
+        # it as the reply all the same; `history` says which it was. Older rows were all sent.
+        "0005_reply_drafted",
+        """
+        ALTER TABLE messages ADD COLUMN reply_drafted INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 
 @dataclass(frozen=True)
 class HistoryEntry(LedgerEntry):
-    """A row as `billing-responder history` shows it: the entry and when its reply was sent."""
+    """A row as `billing-responder history` shows it: the entry, when its reply was sent (or
+    drafted) and whether it was left as a draft."""
 
     sent_at: str | None = None
+    reply_drafted: bool = False
 
 
 def _now() -> str:
@@ -279,11 +289,11 @@ class SqliteLedger:
         """The portal session minted for the intended reply (its id; never its URL)."""
         self._update(gmail_id, portal_session_id=portal_session_id)
 
-    def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
-        """Gmail accepted the reply."""
+    def record_sent(self, gmail_id: str, sent_gmail_id: str, *, drafted: bool = False) -> None:
+        """Gmail accepted the reply: sent, or (``drafted``) left as a draft in the thread."""
         self._update(
             gmail_id, state=SENT, sent_gmail_id=sent_gmail_id, sent_at=self._clock(),
-            last_error=None,
+            reply_drafted=int(drafted), last_error=None,
         )
 
     def record_done(self, gmail_id: str) -> None:
@@ -372,7 +382,7 @@ class SqliteLedger:
                 values,
             )
 
-    def _update(self, gmail_id: str, **values: str | None) -> None:
+    def _update(self, gmail_id: str, **values: str | int | None) -> None:
         values["updated_at"] = self._clock()
         assignments = ", ".join(f"{c} = :{c}" for c in values)
         with self._transaction():
@@ -394,8 +404,10 @@ def _statements(script: str) -> list[str]:
 def _history_entry(row: sqlite3.Row) -> HistoryEntry:
     # A file from before migration 0003, read without migrating, has no sent_at column. (`in`
     # on a Row looks at its values, not its column names.)
-    sent_at = row["sent_at"] if "sent_at" in row.keys() else None  # noqa: SIM118
-    return HistoryEntry(**vars(_entry(row)), sent_at=sent_at)
+    columns = row.keys()
+    sent_at = row["sent_at"] if "sent_at" in columns else None
+    drafted = bool(row["reply_drafted"]) if "reply_drafted" in columns else False
+    return HistoryEntry(**vars(_entry(row)), sent_at=sent_at, reply_drafted=drafted)
 
 
 def _entry(row: sqlite3.Row) -> LedgerEntry:

@@ -465,7 +465,7 @@ class Responder:
             sent_id = self.mailbox.create_draft(raw, ref.thread_id)
         else:
             sent_id = self.mailbox.send(raw, ref.thread_id)
-        self.ledger.record_sent(ref.id, sent_id)
+        self.ledger.record_sent(ref.id, sent_id, drafted=self.settings.drafting)
         self._label_replied(ref)
         if self.settings.drafting:
             log.info(
@@ -524,7 +524,8 @@ class Responder:
             if sent_id is None:
                 log.info("message %s: the interrupted attempt sent nothing; resuming it", ref.id)
                 return None
-            self.ledger.record_sent(ref.id, sent_id)
+            # Made in the mode of that attempt; a mode changed in between is not told apart.
+            self.ledger.record_sent(ref.id, sent_id, drafted=self.settings.drafting)
         self._label_replied(ref)
         log.info("message %s: finished the reply an earlier attempt had sent (or drafted)", ref.id)
         decision = Decision(Action.REPLY, entry.reasons, entry.sender, entry.subject)

@@ -127,8 +127,8 @@ class Ledger(Protocol):
     def record_session(self, gmail_id: str, portal_session_id: str) -> None:
         """The portal session minted for the intended reply."""
 
-    def record_sent(self, gmail_id: str, sent_gmail_id: str) -> None:
-        """Gmail accepted the reply."""
+    def record_sent(self, gmail_id: str, sent_gmail_id: str, *, drafted: bool = False) -> None:
+        """Gmail accepted the reply: sent, or (``drafted``) left as a draft in the thread."""
 
     def record_done(self, gmail_id: str) -> None:
         """Labelled: nothing left to do."""

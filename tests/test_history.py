@@ -25,12 +25,13 @@ from billing_responder.ledger import HistoryEntry
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import Seeded, person_mail, seed
 from tests.conftest import Sandbox
+from tests.test_draft_mode import draft_mode
 
 SEND = r"/messages/send$"
 HEADINGS = ("WHEN (UTC)", "SENDER", "SUBJECT", "DECISION", "REPLY SENT", "CUSTOMER", "REASONS")
 JSON_FIELDS = {
     "when", "gmail_id", "thread_id", "sender", "subject", "action", "state", "decision",
-    "reasons", "reply_sent", "customer_id", "portal_session_id", "reply_message_id",
+    "reasons", "reply_sent", "reply_drafted", "customer_id", "portal_session_id", "reply_message_id",
     "sent_gmail_id", "sent_at", "failures", "last_error", "created_at", "updated_at",
 }
 
@@ -248,6 +249,50 @@ class TestInDoubt:
         entry = json_lines(sandbox.cli("history", "--json").stdout)[0]
         assert entry["gmail_id"] == gmail_id and entry["reply_sent"] is None
         assert entry["state"] == "sending" and entry["last_error"]
+
+
+class TestDraftMode:
+    def test_a_draft_shows_as_draft_not_as_sent(
+        self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """After a draft-mode `once`, the row says `draft` under REPLY SENT; JSON has reply_sent false and reply_drafted true."""
+        monkeypatch.setenv("COLUMNS", "250")
+        draft_mode(sandbox)
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice for March", "?"))
+        assert sandbox.cli("once").code == 0
+        assert len(sandbox.gmail.drafts()) == 1 and sandbox.gmail.sent_messages() == []
+        row = row_of(table_lines(sandbox.cli("history").stdout), "Invoice for March")
+        assert cells(row)[3:5] == ["reply", "draft"]
+        [record] = json_lines(sandbox.cli("history", "--json").stdout)
+        assert record["reply_sent"] is False and record["reply_drafted"] is True
+        assert record["sent_gmail_id"] == sandbox.gmail.drafts()[0].message.id
+
+    def test_a_sent_reply_is_not_called_a_draft(self, sandbox: Sandbox) -> None:
+        """In send mode the same message's row says `yes`, reply_drafted false."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice for March", "?"))
+        assert sandbox.cli("once").code == 0
+        [record] = json_lines(sandbox.cli("history", "--json").stdout)
+        assert record["reply_sent"] is True and record["reply_drafted"] is False
+
+    def test_a_ledger_from_before_drafts_reads_its_replies_as_sent(self, sandbox: Sandbox) -> None:
+        """A ledger written before migration 0005 (no reply_drafted column) is read by `history` without migrating: its replies show as sent."""
+        sandbox.stripe.add_customer("ada@example.com")
+        sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice for March", "?"))
+        assert sandbox.cli("once").code == 0
+        with sqlite3.connect(sandbox.folder / "state.db") as db:
+            db.execute("ALTER TABLE messages DROP COLUMN reply_drafted")
+            db.execute("DELETE FROM schema_migrations WHERE name = '0005_reply_drafted'")
+        db.close()
+        result = sandbox.cli("history", "--json")
+        assert result.code == 0, result.stderr
+        [record] = json_lines(result.stdout)
+        assert record["reply_sent"] is True and record["reply_drafted"] is False
+        with sqlite3.connect(sandbox.folder / "state.db") as db:
+            columns = [row[1] for row in db.execute("PRAGMA table_info(messages)")]
+        db.close()
+        assert "reply_drafted" not in columns  # history read it, it did not migrate it
 
 
 class TestReadOnly:
