@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,19 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 def read_json(text: str) -> object:
     """Parse JSON printed by a command."""
     return json.loads(text)
+
+
+def text_of(message: EmailMessage) -> str:
+    """The plain-text body of a message (a reply, a draft)."""
+    return _part(message, "plain")
+
+
+def html_of(message: EmailMessage) -> str:
+    """The HTML body of a message."""
+    return _part(message, "html")
+
+
+def _part(message: EmailMessage, subtype: str) -> str:
+    body = message.get_body(preferencelist=(subtype,))
+    assert isinstance(body, EmailMessage), f"no text/{subtype} part"
+    return str(body.get_content())

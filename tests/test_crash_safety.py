@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from billing_responder.ledger import DONE, SENDING, SENT, LedgerEntry, SqliteLed
 from billing_responder.sandbox._http import EmulatorServer, Fault
 from billing_responder.sandbox.gmail import StoredMessage
 from billing_responder.sandbox.inbox import person_mail
-from tests.conftest import Sandbox
+from tests.conftest import Sandbox, text_of
 
 REPO = Path(__file__).resolve().parents[1]
 REPLIED = "billing-responder/replied"
@@ -157,13 +156,6 @@ def once_subprocess(sandbox: Sandbox) -> Iterator[subprocess.Popen[bytes]]:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=15)
-
-
-def text_of(reply: EmailMessage) -> str:
-    """The plain-text body of a reply."""
-    body = reply.get_body(preferencelist=("plain",))
-    assert body is not None
-    return str(body.get_content())
 
 
 class LedgerNotDoneError(Exception):

@@ -45,7 +45,7 @@ from billing_responder.pipeline import LEFT_FOR_LATER
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import person_mail
 from billing_responder.service import Service, build_service
-from tests.conftest import Sandbox
+from tests.conftest import Sandbox, text_of
 from tests.test_responder import _time_passes
 
 REPLIED = "billing-responder/replied"
@@ -230,13 +230,6 @@ def play(world: World, schedule: list[Step]) -> None:
             _time_passes(sandbox, 3600)
         if not run(world):
             break
-
-
-def text_of(message: EmailMessage) -> str:
-    """The plain-text body of a reply."""
-    body = message.get_body(preferencelist=("plain",))
-    assert isinstance(body, EmailMessage)
-    return str(body.get_content())
 
 
 def session_owner(idempotency_key: str | None) -> str:

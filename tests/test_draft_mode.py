@@ -22,7 +22,7 @@ from googleapiclient.errors import HttpError
 from billing_responder.model import DONE, SENDING
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import MAILBOX, person_mail
-from tests.conftest import Sandbox
+from tests.conftest import Sandbox, text_of
 from tests.test_responder import NEEDS_HUMAN, REPLIED, _ledger, _time_passes
 
 DRAFTED = "billing-responder/drafted"
@@ -34,12 +34,6 @@ def draft_mode(sandbox: Sandbox) -> None:
     """Switch the sandbox config to ``[reply] mode = "draft"``."""
     text = sandbox.config_path.read_text(encoding="utf-8")
     sandbox.config_path.write_text(text.replace("[reply]\n", '[reply]\nmode = "draft"\n'))
-
-
-def text_of(message: EmailMessage) -> str:
-    body = message.get_body(preferencelist=("plain",))
-    assert isinstance(body, EmailMessage)
-    return str(body.get_content())
 
 
 def encoded(message: EmailMessage) -> str:

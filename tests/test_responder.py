@@ -18,22 +18,10 @@ from billing_responder.ledger import SqliteLedger
 from billing_responder.model import DONE, Action, Decision
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import MAILBOX, person_mail
-from tests.conftest import Sandbox
+from tests.conftest import Sandbox, html_of, text_of
 
 REPLIED = "billing-responder/replied"
 NEEDS_HUMAN = "billing-responder/needs-human"
-
-
-def text_of(message: EmailMessage) -> str:
-    body = message.get_body(preferencelist=("plain",))
-    assert isinstance(body, EmailMessage)
-    return str(body.get_content())
-
-
-def html_of(message: EmailMessage) -> str:
-    body = message.get_body(preferencelist=("html",))
-    assert isinstance(body, EmailMessage)
-    return str(body.get_content())
 
 
 class TestReplyToAKnownCustomer:

@@ -7,26 +7,12 @@ else; a mistake costs nothing (no session minted, nothing sent) and says so in o
 
 from __future__ import annotations
 
-from email.message import EmailMessage
-
 import pytest
 
 from billing_responder.sample_reply import TEST_SUBJECT
-from tests.conftest import CliResult, Sandbox
+from tests.conftest import CliResult, Sandbox, html_of, text_of
 
 OWNER = "owner@acme-saas.test"
-
-
-def text_of(message: EmailMessage) -> str:
-    body = message.get_body(preferencelist=("plain",))
-    assert isinstance(body, EmailMessage)
-    return str(body.get_content())
-
-
-def html_of(message: EmailMessage) -> str:
-    body = message.get_body(preferencelist=("html",))
-    assert isinstance(body, EmailMessage)
-    return str(body.get_content())
 
 
 @pytest.fixture
