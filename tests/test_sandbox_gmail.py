@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -127,6 +129,27 @@ def clocked() -> Iterator[tuple[GmailEmulator, list[float]]]:
     now = [NOW]
     with GmailEmulator(clock=lambda: now[0], quota_units_per_minute=12) as emulator:
         yield emulator, now
+
+
+class TestServer:
+    def test_a_client_gone_before_the_answer_is_recorded_without_a_traceback(
+        self, gmail: GmailEmulator, capfd: pytest.CaptureFixture[str]
+    ) -> None:
+        """A request whose client resets the connection before the (slow) answer is recorded, and the server prints no traceback; the next request is served."""
+        gmail.inject_fault(Fault(503, method="GET", path=r"/profile$", delay=0.3))
+        host, port = gmail.url.removeprefix("http://").rstrip("/").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(
+                b"GET /gmail/v1/users/me/profile HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            time.sleep(0.05)
+            # Linger 0: close() resets the connection, as a killed process's kernel does.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.6)  # past the fault's delay: the answer has met the reset socket
+        assert [r.path for r in gmail.requests] == ["/gmail/v1/users/me/profile"]
+        assert "Traceback" not in capfd.readouterr().err
+        status, _, _ = raw_request(gmail, "/gmail/v1/users/me/profile")
+        assert status == 401  # served as usual (no token): the server lives on
 
 
 class TestClientCompatibility:
