@@ -64,8 +64,13 @@ _SECRET_SHAPES = re.compile(
 )
 
 
-def notify_operator(config: Config, *, problem: str, exit_code: int) -> None:
-    """Email ``[notify] email`` and/or run ``[notify] command``; never raises."""
+def notify_operator(
+    config: Config, *, problem: str, exit_code: int, dry_run: bool = False
+) -> None:
+    """Email ``[notify] email`` and/or run ``[notify] command``; never raises.
+
+    A dry run mails nothing (it promises to send nothing through Gmail); the command still runs.
+    """
     notify = config.notify
     if not notify.command and not notify.email:
         return
@@ -75,7 +80,9 @@ def notify_operator(config: Config, *, problem: str, exit_code: int) -> None:
             _run_command(notify.command, problem, exit_code)
         except Exception as exc:  # a notification must never change the exit code
             log.error("[notify] command failed unexpectedly: %s: %s", type(exc).__name__, exc)
-    if notify.email:
+    if notify.email and dry_run:
+        log.warning("[notify] dry run: no notice mailed to [notify] email; the problem is above")
+    elif notify.email:
         try:
             _send_email(config, problem, exit_code)
         except Exception as exc:  # as above

@@ -181,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = f"Gmail authorisation lost: {exc}"
         print(f"billing-responder: {problem}", file=sys.stderr)
         print("billing-responder: to fix it, run: billing-responder auth", file=sys.stderr)
-        _alert(config, args.command, problem, EXIT_AUTH_LOST)
+        _alert(config, args, problem, EXIT_AUTH_LOST)
         return EXIT_AUTH_LOST
     except BillingResponderError as exc:  # FatalServiceError and everything else we raise
         print(f"billing-responder: {exc}", file=sys.stderr)
-        _alert(config, args.command, str(exc), EXIT_FATAL)
+        _alert(config, args, str(exc), EXIT_FATAL)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print("billing-responder: interrupted", file=sys.stderr)
@@ -232,13 +232,13 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
-def _alert(config: Config, command: str, problem: str, exit_code: int) -> None:
+def _alert(config: Config, args: argparse.Namespace, problem: str, exit_code: int) -> None:
     """Tell the operator, as [notify] says, that the responder stopped (polling commands only)."""
-    if command not in ("once", "run"):
+    if args.command not in ("once", "run"):
         return
     from billing_responder.alerts import notify_operator  # noqa: PLC0415
 
-    notify_operator(config, problem=problem, exit_code=exit_code)
+    notify_operator(config, problem=problem, exit_code=exit_code, dry_run=args.dry_run)
 
 
 def _once(config: Config, *, dry_run: bool, review: Path | None = None) -> int:

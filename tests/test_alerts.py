@@ -148,6 +148,18 @@ class TestEmail:
         assert "billing.stripe.com" not in text and "sk_test_wrong" not in text
         assert all(g.grant_type.endswith("jwt-bearer") for g in sandbox.gmail.oauth.grants())
 
+    def test_a_dry_run_mails_no_notice_but_runs_the_hook(self, sandbox: Sandbox) -> None:
+        """`once --dry-run` stopped by a refused Stripe key: exit 1, the hook is told, and Gmail sends nothing (a dry run sends nothing)."""
+        use_service_account(sandbox)
+        seen = with_hook(sandbox, email=NOTIFY)
+        refuse_stripe_key(sandbox)
+        result = sandbox.cli("once", "--dry-run")
+        assert result.code == 1
+        assert sandbox.gmail.sent_messages() == []
+        assert not [r for r in sandbox.gmail.requests if r.method == "POST" and "send" in r.path]
+        assert "dry run: no notice mailed" in result.stderr
+        assert json.loads(seen.read_text())["BILLING_RESPONDER_EXIT_CODE"] == "1"
+
     def test_a_lost_authorisation_cannot_email_so_it_says_so_and_the_hook_still_runs(
         self, sandbox: Sandbox
     ) -> None:
