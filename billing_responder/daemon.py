@@ -10,9 +10,9 @@ checks run, so a SIGTERM during start-up is a clean stop too.
 Under systemd (``Type=notify``) the daemon reports through :mod:`billing_responder.notify`:
 ``READY=1`` when it starts polling (credentials and labels were verified by then), ``STATUS=``
 after every cycle, ``STOPPING=1`` when told to stop, and ``WATCHDOG=1`` every half
-``WatchdogSec`` -- but only while it makes progress: a cycle finished, or a message handled, within
-the last ``WatchdogSec``. A hung request or a cycle that keeps failing stops the pings, and systemd
-restarts the service.
+``WatchdogSec`` -- but only while it makes progress: a cycle finished, or a message handled,
+within the last poll interval plus ``WatchdogSec``. A hung request or a cycle that keeps failing
+stops the pings, and systemd restarts the service.
 """
 
 from __future__ import annotations
@@ -154,11 +154,14 @@ class Daemon:
         return thread
 
     def _watchdog(self, interval: float) -> None:
-        # WATCHDOG_USEC is twice the interval: progress older than that means a hang.
+        # WATCHDOG_USEC is twice the interval. Waiting for the next scheduled cycle is not a hang
+        # ([schedule] interval_seconds may be longer than WatchdogSec): a hang is no progress
+        # for a whole poll interval plus WatchdogSec.
+        patience = self._interval + 2 * interval
         stalled = False
         while not self._stop.wait(interval):
             idle = time.monotonic() - self._last_progress
-            if idle < 2 * interval:
+            if idle < patience:
                 self._notifier.watchdog()
                 stalled = False
             elif not stalled:

@@ -117,6 +117,22 @@ class TestNotifications:
         assert texts[-1] == "STOPPING=1", texts
         assert len(sandbox.gmail.sent_messages()) == 1
 
+    def test_watchdog_pings_go_on_between_cycles_longer_apart_than_watchdogsec(
+        self, sandbox: Sandbox, notify_socket: NotifySocket
+    ) -> None:
+        """With a poll interval (6 s) longer than WatchdogSec (2 s), WATCHDOG=1 pings go on while the daemon waits for its next cycle."""
+        sandbox.set_config("[schedule]\ninterval_seconds = 6\n")
+        process = start_daemon(sandbox, notify_socket)
+        try:
+            assert notify_socket.collect_until("STATUS=last cycle"), notify_socket.texts()
+            cycle_done = time.monotonic()
+            notify_socket.collect(4.5)
+        finally:
+            terminate(process)
+        pings = [at - cycle_done for at, text in notify_socket.received if text == "WATCHDOG=1"]
+        # Past WatchdogSec since the last progress, still pinging: no restart while idle.
+        assert [p for p in pings if p > 2.5], pings
+
     def test_watchdog_pings_stop_while_a_cycle_hangs(
         self, sandbox: Sandbox, notify_socket: NotifySocket
     ) -> None:
@@ -133,6 +149,6 @@ class TestNotifications:
             terminate(process)
         pings = [at - hung_from for at, text in notify_socket.received if text == "WATCHDOG=1"]
         assert [p for p in pings if p < 0], "pings while cycles succeed"
-        # The next cycle (within 1 s) hangs; pings may go on until WatchdogSec (2 s) after the
-        # last progress, and then never while it hangs.
+        # The next cycle (within 1 s) hangs; pings may go on until the poll interval plus
+        # WatchdogSec (1 + 2 s) after the last progress, and then never while it hangs.
         assert not [p for p in pings if p > 5], pings
