@@ -125,6 +125,11 @@ def _consent(flow: Any, port: int, *, open_browser: bool) -> Any:
             # Google issues a refresh token only when the user consents; ask every time.
             prompt="consent",
         )
+    # requests' errors are OSErrors too: this clause must come before the port's.
+    except requests.RequestException as exc:
+        raise ServiceUnavailableError(
+            "Google", f"token endpoint unreachable ({type(exc).__name__})"
+        ) from None
     except OSError as exc:  # the local port is taken (or not ours to bind)
         raise UsageError(
             f"cannot listen on localhost:{port} ({exc.strerror or exc}); pass another --port"
@@ -142,10 +147,6 @@ def _consent(flow: Any, port: int, *, open_browser: bool) -> Any:
     except OAuth2Error as exc:
         detail = f"{exc.error}: {exc.description}" if exc.description else exc.error
         raise FatalServiceError("Google", f"authorisation failed ({detail})") from None
-    except requests.RequestException as exc:
-        raise ServiceUnavailableError(
-            "Google", f"token endpoint unreachable ({type(exc).__name__})"
-        ) from None
 
 
 def _client_config(config: Config, option: Path | None) -> dict[str, Any]:

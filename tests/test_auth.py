@@ -220,6 +220,21 @@ class TestInstalledAppFlow:
         assert run.code == 0, run.stderr
         assert [g.grant_type for g in fresh.gmail.oauth.grants()] == ["authorization_code"]
 
+    def test_an_unreachable_token_endpoint_exits_1_and_does_not_blame_the_port(
+        self, fresh: Sandbox
+    ) -> None:
+        """Consent given but the token endpoint refuses connections: exit 1 saying it is unreachable, not a port problem; nothing written."""
+        dead = f"http://127.0.0.1:{free_port()}/token"
+        text = fresh.config_path.read_text(encoding="utf-8")
+        fresh.config_path.write_text(
+            text.replace(f'token_uri = "{fresh.gmail.url}/token"', f'token_uri = "{dead}"')
+        )
+        run = run_auth_flow(fresh)
+        assert run.code == 1, run.stderr
+        assert "token endpoint unreachable" in run.stderr
+        assert "--port" not in run.stderr and "cannot listen" not in run.stderr
+        assert not (fresh.folder / "token.json").exists()
+
     def test_a_browser_the_command_opens_completes_the_flow(self, fresh: Sandbox) -> None:
         """Without --no-browser the URL goes to $BROWSER, whose visit ends the flow as the user's would."""
         browser = fresh.folder / "browser"
