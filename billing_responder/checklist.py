@@ -396,7 +396,22 @@ def check_state_database(config: Config, found: _Found) -> CheckResult:
     A missing ledger is not created here (see the module docstring).
     """
     name = "state database"
-    path = config.state.database
+    try:
+        return _check_state_database(config.state.database, name)
+    except OSError as exc:  # Python 3.11's Path.exists() raises on EACCES
+        return _not_permitted(name, exc)
+
+
+def _not_permitted(name: str, exc: OSError) -> CheckResult:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return failed(
+        name,
+        f"cannot look: {where}{exc.strerror or exc}",
+        "run `check` as root or as the service's user (under DynamicUser=, as root)",
+    )
+
+
+def _check_state_database(path: Path, name: str) -> CheckResult:
     folder = _nearest_existing(path.parent)
     if not folder.is_dir():
         return failed(name, f"{folder} is not a folder", "point [state] database elsewhere")
@@ -456,8 +471,11 @@ def check_secret_files(config: Config, found: _Found) -> CheckResult:
         config.gmail.service_account_file or config.gmail.token_file,
         config.stripe.api_key_file,
     ]
-    files = [p for p in candidates if p is not None and p.is_file()]
-    open_files = [(p, stat.S_IMODE(p.stat().st_mode)) for p in files]
+    try:
+        files = [p for p in candidates if p is not None and p.is_file()]
+        open_files = [(p, stat.S_IMODE(p.stat().st_mode)) for p in files]
+    except OSError as exc:
+        return _not_permitted(name, exc)
     open_files = [(p, mode) for p, mode in open_files if mode & 0o077]
     if open_files:
         shown = ", ".join(f"{p} (mode {mode:04o})" for p, mode in open_files)

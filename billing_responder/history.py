@@ -58,14 +58,19 @@ def run_history(
         raise UsageError(f"--limit must be at least 1, not {limit}")
     since_time = parse_since(since, datetime.now(UTC)) if since is not None else None
     path = config.state.database
-    if not path.exists():
+    unreadable = StateError(
+        f"{path}: not readable by this user (the ledger is private to the service):"
+        " run `history` as root or as the service's user"
+    )
+    try:
+        exists = path.exists()  # Python 3.11 raises on EACCES (a folder private to the service)
+    except PermissionError:
+        raise unreadable from None
+    if not exists:
         print(f"billing-responder: no history yet: {path} does not exist", file=sys.stderr)
         return 0
     if not os.access(path, os.R_OK):
-        raise StateError(
-            f"{path}: not readable by this user (the ledger is private to the service):"
-            " run `history` as root or as the service's user"
-        )
+        raise unreadable
     ledger = SqliteLedger(path, read_only=True)
     try:
         entries = ledger.history(since=since_time, action=decision, limit=limit)

@@ -7,8 +7,10 @@ portal session or any other write) and creates no state database.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,12 @@ from google.auth.exceptions import RefreshError
 from google.auth.transport.requests import Request
 from google.oauth2.credentials import Credentials
 
+from billing_responder import checklist
+from billing_responder.config import load_config
 from billing_responder.ledger import SqliteLedger
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.stripe import StripeEmulator
-from tests.conftest import CliResult, Sandbox
+from tests.conftest import CliResult, Sandbox, as_nobody, needs_root
 
 MODIFY = "https://www.googleapis.com/auth/gmail.modify"
 READONLY = "https://www.googleapis.com/auth/gmail.readonly"
@@ -499,6 +503,26 @@ class TestStateAndSecrets:
         line = assert_only_failure(run_check(sandbox), "state database")
 
         assert "cannot write in /proc" in line
+
+    @needs_root
+    def test_a_database_folder_this_user_cannot_enter_fails_saying_who_may(
+        self, sandbox: Sandbox
+    ) -> None:
+        """Run as a user who cannot enter the ledger's folder: the state database line is ✗ naming the folder and saying to run `check` as root or the service's user; every check still prints, no traceback."""
+        private = sandbox.folder / "private"
+        private.mkdir(mode=0o700)
+        SqliteLedger(private / "state.db").close()
+        config = load_config(sandbox.config_path)
+        config = replace(config, state=replace(config.state, database=private / "state.db"))
+        out = io.StringIO()
+        with as_nobody():
+            code = checklist.run_check(config, out)
+        assert code == 1
+        found = lines(CliResult(code, out.getvalue(), ""))
+        assert list(found) == list(CHECK_NAMES)
+        line = found["state database"]
+        assert line.startswith("✗") and str(private) in line
+        assert "as root or as the service's user" in line
 
     def test_database_under_a_file_fails(self, sandbox: Sandbox) -> None:
         """A database path whose folder is a file: ✗ saying it is not a folder."""

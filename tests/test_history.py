@@ -7,24 +7,28 @@ checked on their own.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from billing_responder.errors import UsageError
+from billing_responder import history
+from billing_responder.config import load_config
+from billing_responder.errors import StateError, UsageError
 from billing_responder.history import (
     display_width,
     format_table,
     parse_since,
     table_row,
 )
-from billing_responder.ledger import HistoryEntry
+from billing_responder.ledger import HistoryEntry, SqliteLedger
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import Seeded, person_mail, seed
-from tests.conftest import Sandbox
+from tests.conftest import Sandbox, as_nobody, needs_root
 from tests.test_draft_mode import draft_mode
 
 SEND = r"/messages/send$"
@@ -249,6 +253,24 @@ class TestInDoubt:
         entry = json_lines(sandbox.cli("history", "--json").stdout)[0]
         assert entry["gmail_id"] == gmail_id and entry["reply_sent"] is None
         assert entry["state"] == "sending" and entry["last_error"]
+
+
+class TestPrivateLedger:
+    @needs_root
+    def test_a_ledger_in_a_folder_this_user_cannot_enter_is_one_clear_error(
+        self, sandbox: Sandbox
+    ) -> None:
+        """As a user who cannot enter the ledger's folder (DynamicUser's /var/lib/private is 0700), `history` raises the StateError saying to run it as root or the service's user, no PermissionError traceback."""
+        private = sandbox.folder / "private"
+        private.mkdir(mode=0o700)
+        SqliteLedger(private / "state.db").close()
+        config = load_config(sandbox.config_path)
+        config = replace(config, state=replace(config.state, database=private / "state.db"))
+        with as_nobody(), pytest.raises(StateError, match="run `history` as root"):
+            history.run_history(
+                config, since=None, decision=None, as_json=False, full=False, limit=10,
+                out=io.StringIO(),
+            )
 
 
 class TestDraftMode:
