@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -55,13 +56,11 @@ class Service:
                 self.mailbox.persist_refreshed_token()
 
     def close(self) -> None:
-        """Release the connections, the database and the metrics endpoint."""
-        try:
-            self.mailbox.close()
-            self.billing.close()
-            self.ledger.close()
-        finally:
-            self.metrics.close()
+        """Release the connections, the database and the metrics endpoint, each whatever the
+        others do (the first error is raised after all were tried)."""
+        with contextlib.ExitStack() as stack:
+            for resource in (self.metrics, self.ledger, self.billing, self.mailbox):
+                stack.callback(resource.close)  # run in reverse: the mailbox first
 
 
 def open_billing(config: Config, api_key: str) -> StripeBilling:
@@ -85,16 +84,18 @@ def build_service(config: Config, *, dry_run: bool, serve_metrics: bool = True) 
     renderer = ReplyRenderer(config.reply.templates_dir, config_path=str(config.path))
     credentials = load_credentials(config.gmail)
     # Before any service is called: a port in use fails the start at once, with nothing done.
-    metrics = start_metrics(config) if serve_metrics else Metrics()
-    mailbox = GmailMailbox(config.gmail, credentials, on_quota=metrics.gmail_quota)
-    billing = open_billing(config, api_key)
-    try:
-        ledger = SqliteLedger(config.state.database, read_only=dry_run)
-    except StateError as exc:
-        mailbox.close()
-        billing.close()
-        metrics.close()
-        raise ConfigError(str(config.path), "state.database", str(exc)) from None
+    with contextlib.ExitStack() as opened:  # closes what was opened if a later step fails
+        metrics = start_metrics(config) if serve_metrics else Metrics()
+        opened.callback(metrics.close)
+        mailbox = GmailMailbox(config.gmail, credentials, on_quota=metrics.gmail_quota)
+        opened.callback(mailbox.close)
+        billing = open_billing(config, api_key)
+        opened.callback(billing.close)
+        try:
+            ledger = SqliteLedger(config.state.database, read_only=dry_run)
+        except StateError as exc:
+            raise ConfigError(str(config.path), "state.database", str(exc)) from None
+        opened.pop_all()  # from here on, Service.close owns them
     responder = Responder(
         mailbox, billing, ledger, renderer, Settings.from_config(config), dry_run=dry_run
     )

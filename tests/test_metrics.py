@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing_responder.config import load_config
+from billing_responder.errors import StateError
 from billing_responder.metrics import PrometheusMetrics
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import person_mail
@@ -298,6 +299,28 @@ class TestInProcess:
             with pytest.raises(requests.ConnectionError):
                 requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
             assert not [t for t in threading.enumerate() if "serve_forever" in t.name]
+
+
+    def test_a_close_that_fails_still_releases_the_rest(
+        self, sandbox: Sandbox, metrics_port: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """If closing the Gmail client raises, Service.close still closes the ledger and frees the metrics port, then raises that error."""
+        built = build_service(load_config(sandbox.config_path), dry_run=False)
+
+        def broken() -> None:
+            raise RuntimeError("close failed")
+
+        real_close = built.mailbox.close
+        monkeypatch.setattr(built.mailbox, "close", broken)
+        try:
+            with pytest.raises(RuntimeError, match="close failed"):
+                built.close()
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+            with pytest.raises(StateError, match="closed database"):
+                built.ledger.history()
+        finally:
+            real_close()
 
 
 class TestRegistry:
