@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 PROBLEM_ENV_VAR = "BILLING_RESPONDER_PROBLEM"
 EXIT_CODE_ENV_VAR = "BILLING_RESPONDER_EXIT_CODE"
 COMMAND_TIMEOUT_SECONDS = 30.0
+_WITHHELD_FROM_HOOK = frozenset(
+    {STRIPE_KEY_ENV_VAR, "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+)
 #: What each exit code means to the operator: the subject's ending and the fix.
 _MEANING = {
     3: (
@@ -119,9 +122,10 @@ def alert_message(
 
 
 def _run_command(command: tuple[str, ...], problem: str, exit_code: int) -> None:
-    # The hook gets what it needs to say what happened, and not the Stripe key our own
-    # environment may hold.
-    env = {k: v for k, v in os.environ.items() if k != STRIPE_KEY_ENV_VAR}
+    # The hook gets what it needs to say what happened, and neither the Stripe key our own
+    # environment may hold nor the way to systemd's copy of it; nor may it speak for us to
+    # systemd (READY, WATCHDOG).
+    env = {k: v for k, v in os.environ.items() if k not in _WITHHELD_FROM_HOOK}
     env[PROBLEM_ENV_VAR] = problem
     env[EXIT_CODE_ENV_VAR] = str(exit_code)
     try:

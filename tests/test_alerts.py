@@ -25,7 +25,8 @@ NOTIFY = "ops@acme-saas.test"
 # Writes the notification's environment, as the hook saw it, to the file named by argv[1].
 HOOK = (
     "import json, os, sys\n"
-    "names = ('BILLING_RESPONDER_PROBLEM', 'BILLING_RESPONDER_EXIT_CODE', 'STRIPE_API_KEY')\n"
+    "names = ('BILLING_RESPONDER_PROBLEM', 'BILLING_RESPONDER_EXIT_CODE', 'STRIPE_API_KEY',\n"
+    "         'CREDENTIALS_DIRECTORY', 'NOTIFY_SOCKET', 'WATCHDOG_USEC')\n"
     "json.dump({n: os.environ.get(n) for n in names}, open(sys.argv[1], 'w'))\n"
 )
 
@@ -51,8 +52,11 @@ class TestCommandHook:
     def test_a_revoked_token_under_once_runs_the_hook_with_the_problem(
         self, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """invalid_grant: exit 3, and the hook ran with the problem and exit code, without the Stripe key."""
+        """invalid_grant: exit 3, and the hook ran with the problem and exit code, without the Stripe key, the systemd credentials folder or the notify socket."""
         monkeypatch.setenv("STRIPE_API_KEY", DEFAULT_API_KEY)
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(sandbox.folder / "credentials"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sandbox.folder / "notify"))
+        monkeypatch.setenv("WATCHDOG_USEC", "600000000")
         seen = with_hook(sandbox)
         sandbox.gmail.revoke()
         result = sandbox.cli("once")
@@ -62,6 +66,8 @@ class TestCommandHook:
         assert "Gmail authorisation lost" in told["BILLING_RESPONDER_PROBLEM"]
         assert "invalid_grant" in told["BILLING_RESPONDER_PROBLEM"]
         assert told["STRIPE_API_KEY"] is None
+        assert told["CREDENTIALS_DIRECTORY"] is None and told["NOTIFY_SOCKET"] is None
+        assert told["WATCHDOG_USEC"] is None
 
     def test_a_token_revoked_while_the_daemon_runs_stops_it_with_3_and_runs_the_hook(
         self, sandbox: Sandbox
