@@ -20,7 +20,10 @@ share counts). Counters start at zero with the process:
                                                       the reply going out (or the draft made)
     billing_responder_last_success_timestamp_seconds  when the last cycle ended without error
                                                       (0: none yet)
-    process_*                                         CPU, memory, open files, start time
+    process_*                                         CPU, memory, open files, start time;
+                                                      absent under the shipped unit, whose
+                                                      ProcSubset=pid hides the /proc/stat they
+                                                      need (node_exporter covers the host)
 
 Without ``listen`` the responder gets the base :class:`Metrics`, which records nothing, so no
 caller ever asks whether metrics are on.
