@@ -5,6 +5,9 @@
 and turns the client's errors into the project's error tree:
 
 - 401, a refused refresh token → :class:`GmailAuthError` (fatal: a person must re-authorise);
+- a refresh the token endpoint fails without refusing the credential (429, 5xx, an error page)
+  → an outage like any other, below: google-auth raises the same ``RefreshError`` for both, and
+  only the first must stop the service (see :func:`refresh_refused`);
 - 429, 5xx, 403 rate limits, timeouts and connection errors → retried here (see ``retry.py``),
   then :class:`TransientServiceError` (the message is left for the next cycle) — except
   ``messages.send`` and ``drafts.create``, which are never repeated blindly: a send (or draft)
@@ -23,6 +26,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -128,7 +132,7 @@ def refresh_now(credentials: google.auth.credentials.Credentials) -> frozenset[s
     try:
         credentials.refresh(google.auth.transport.requests.Request(session))  # type: ignore[no-untyped-call]
     except RefreshError as exc:
-        raise GmailAuthError(_refresh_problem(exc)) from None
+        raise _refresh_failure(exc, fatal=True) from None
     except TransportError as exc:
         raise ServiceUnavailableError("Gmail", f"token endpoint unreachable ({exc})") from None
     finally:
@@ -169,10 +173,12 @@ def _service_account_credentials(config: GmailConfig, path: Path) -> service_acc
 
 
 def save_credentials(credentials: Credentials, path: Path) -> None:
-    """Write the token file atomically, readable by its owner only."""
+    """Write the token file atomically, readable by its owner only, and owned by whoever owned
+    the file it replaces (see :func:`_keep_owner`)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o600)
+        _keep_owner(fd, path)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(credentials.to_json())  # type: ignore[no-untyped-call]
             handle.flush()
@@ -181,6 +187,32 @@ def save_credentials(credentials: Credentials, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """Give the new file ``fd`` the owner and group of the file at ``path`` it is to replace.
+
+    An admin running ``once`` or ``test-reply`` as root refreshes the service's token too; a
+    file written back as root's, mode 0600, is one the service user can no longer read, and its
+    next start is "authorisation lost". Only root may give a file away: anyone else writes the
+    file as their own, as before, and is told what the service will meet.
+    """
+    try:
+        old = path.stat()
+    except OSError:  # no file yet (`auth`), or none we may look at: nobody to keep
+        return
+    new = os.fstat(fd)
+    if (old.st_uid, old.st_gid) == (new.st_uid, new.st_gid):
+        return
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        log.warning(
+            "the token file %s belonged to uid %d, gid %d and is written back as uid %d, gid %d "
+            "(only root can keep its owner); if the service runs as that user, give it back: "
+            "chown %d:%d %s",
+            path, old.st_uid, old.st_gid, new.st_uid, new.st_gid, old.st_uid, old.st_gid, path,
+        )
 
 
 class GmailMailbox:
@@ -425,7 +457,8 @@ class GmailMailbox:
                 timeout=self._config.timeout_seconds,
             )
         except RefreshError as exc:
-            raise GmailAuthError(_refresh_problem(exc)) from None
+            # Nothing was sent: a refresh comes before the request, or after a 401 for it.
+            raise _refresh_failure(exc, fatal=False) from None
         except (requests.RequestException, TransportError) as exc:
             raise TransientServiceError(
                 "Gmail", f"{what} failed, maybe after Gmail took it ({type(exc).__name__}: {exc})"
@@ -461,7 +494,7 @@ class GmailMailbox:
         try:
             return GMAIL_RETRY.call(execute) if retry else execute()
         except RefreshError as exc:
-            raise GmailAuthError(_refresh_problem(exc)) from None
+            raise _refresh_failure(exc, fatal=fatal) from None
         except HttpError as exc:
             status = exc.resp.status
             detail = _http_error_detail(exc)
@@ -501,6 +534,8 @@ def is_retryable(exc: BaseException) -> bool:
         return status == 403 and _http_error_reason(exc) in _RATE_LIMIT_REASONS
     # Socket timeouts are OSErrors (TimeoutError) too; a connection dropped mid-answer surfaces
     # from httplib2 as http.client.HTTPException (IncompleteRead, RemoteDisconnected...).
+    # A RefreshError is not retried here: google-auth has already tried the token endpoint three
+    # times, with back-off, for any answer worth repeating.
     return isinstance(
         exc, OSError | http.client.HTTPException | httplib2.HttpLib2Error | TransportError
     )
@@ -541,6 +576,82 @@ def _json_error(response: requests.Response) -> str:
     return f"{message} ({reason})" if reason else message
 
 
+#: Token-endpoint error codes that refuse the credential itself: those of RFC 6749 section 5.2,
+#: all about the request or the grant, and ``access_denied`` for an account or client an
+#: administrator blocked. No wait mends them; a person must authorise again. A service account's
+#: refused key (a deleted key, a clock far off) is ``invalid_grant`` too.
+_REFUSALS = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+    }
+)
+#: google-auth's own refusals, made without asking the endpoint: a token file lacking a field a
+#: refresh needs, and a Workspace policy that wants the user to sign in again.
+_LOCAL_REFUSALS = ("necessary fields", "Reauthentication is needed")
+_HTML_TITLE = re.compile(r"<title>([^<]{1,120})</title>", re.IGNORECASE)
+
+
+def refresh_refused(exc: RefreshError) -> bool:
+    """Whether a failed refresh means the credential was refused (only a person can fix that),
+    rather than that the token endpoint failed to answer (a later cycle may do better).
+
+    google-auth raises ``RefreshError`` for both. It sets ``retryable`` on an answer it already
+    tried three times (429, 5xx, ``temporarily_unavailable``), but not on every outage: a 5xx
+    page that is not JSON is ``retryable=False`` for a user's token. So, short of the flag, it
+    is a refusal only when the endpoint named one, or google-auth refused before asking.
+    """
+    if exc.retryable:
+        return False
+    code = _oauth_error_code(exc)
+    if code is not None:
+        return code in _REFUSALS
+    message = _refresh_message(exc)
+    return any(marker in message for marker in _LOCAL_REFUSALS)
+
+
+def _refresh_failure(exc: RefreshError, *, fatal: bool) -> BillingResponderError:
+    """The project's error for a failed refresh: lost authorisation when the credential was
+    refused; else an outage, of the whole cycle when the call was ``fatal``, else of one
+    message."""
+    if refresh_refused(exc):
+        return GmailAuthError(_refresh_problem(exc))
+    problem = f"the token endpoint gave no access token ({_refresh_outage(exc)})"
+    if fatal:
+        return ServiceUnavailableError("Gmail", problem)
+    return TransientServiceError("Gmail", problem)
+
+
+def _oauth_error_code(exc: RefreshError) -> str | None:
+    """The ``error`` code of the token endpoint's JSON answer, if it sent one (google-auth
+    passes the parsed answer as the exception's second argument)."""
+    answer = exc.args[1] if len(exc.args) > 1 else None
+    code = answer.get("error") if isinstance(answer, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _refresh_message(exc: RefreshError) -> str:
+    """google-auth's message alone, without the parsed answer ``str(exc)`` would add."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+
+
+def _refresh_outage(exc: RefreshError) -> str:
+    """A line saying how the token endpoint failed: its error, or the title of the HTML error
+    page a front end sent instead (the whole page would bury the log line)."""
+    if _oauth_error_code(exc) is not None:
+        return _refresh_message(exc)
+    text = " ".join(_refresh_message(exc).split())
+    title = _HTML_TITLE.search(text)
+    if title:
+        return f"an error page: {title.group(1).strip()}"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _refresh_problem(exc: RefreshError) -> str:
     text = str(exc)
     if "Invalid JWT" in text or "account not found" in text:
@@ -566,7 +677,7 @@ def _refresh_problem(exc: RefreshError) -> str:
             "the authorisation does not cover the scope gmail.modify (invalid_scope); authorise "
             "the mailbox again, granting it (README: Gmail credentials)"
         )
-    return f"cannot refresh the access token: {text}"
+    return f"cannot refresh the access token: {_refresh_message(exc)}"
 
 
 #: Gmail: 429, 5xx, 403 rate limits and network errors, with back-off and Retry-After.

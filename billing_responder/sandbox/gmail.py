@@ -10,7 +10,8 @@ What it models, and why each piece is here:
 
 * OAuth: a refresh grant at ``/token`` and bearer tokens on every call, so credential refresh,
   expiry and revocation can be exercised (:meth:`GmailEmulator.revoke`,
-  :meth:`GmailEmulator.expire_access_tokens`).
+  :meth:`GmailEmulator.expire_access_tokens`). A fault injected at ``/token`` answers as the
+  token endpoint fails, not as the API does.
 * The mailbox: raw RFC 822 messages with labels, threads joined by Gmail's rule (a reply joins
   the thread whose message it references only if the normalised subjects agree), a history log
   whose ids grow with gaps, and :meth:`GmailEmulator.expire_history` for the 404 a stale
@@ -56,7 +57,11 @@ from billing_responder.sandbox.gmail_message import (
     normalised_subject,
     parse,
 )
-from billing_responder.sandbox.gmail_oauth import AUTHORIZE_PATHS, GoogleOAuth
+from billing_responder.sandbox.gmail_oauth import (
+    AUTHORIZE_PATHS,
+    GoogleOAuth,
+    token_fault_response,
+)
 
 __all__ = ["SYSTEM_LABELS", "GmailEmulator", "StoredDraft", "StoredMessage"]
 
@@ -175,6 +180,8 @@ class GmailEmulator(EmulatorServer):
         self._clock = clock
         self._access_tokens: dict[str, float] = {}  # token -> expiry (clock seconds)
         self._token_lock = threading.Lock()
+        #: The path of the request each handler thread is answering, for :meth:`error`.
+        self._answering = threading.local()
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -304,8 +311,18 @@ class GmailEmulator(EmulatorServer):
 
     # -- HTTP ----------------------------------------------------------------------------------
 
+    def _dispatch(self, request: RecordedRequest) -> Response | None:
+        self._answering.path = request.path
+        return super()._dispatch(request)
+
     def error(self, fault: Fault) -> Response:
-        """An injected fault in Google's error shape; ``fault.reason`` becomes errors[0].reason."""
+        """An injected fault in Google's error shape; ``fault.reason`` becomes errors[0].reason.
+
+        At ``/token`` the fault stands in for Google's OAuth server, not the Gmail API, and
+        answers in that server's shape (:func:`~.gmail_oauth.token_fault_response`).
+        """
+        if getattr(self._answering, "path", None) == "/token":
+            return token_fault_response(fault)
         message = None if fault.message == Fault.message else fault.message
         reason = fault.reason or None
         domain = "usageLimits" if reason in api.USAGE_LIMIT_REASONS else "global"

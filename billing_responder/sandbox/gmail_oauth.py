@@ -22,7 +22,8 @@ config run their real client libraries (google-auth-oauthlib, google-auth) end t
   must cover the request, else ``401 unauthorized_client``.
 * Every other grant goes on to the emulator's refresh-token handler.
 
-Error bodies are those of Google's token endpoint: ``{"error": ..., "error_description": ...}``.
+Error bodies are those of Google's token endpoint: ``{"error": ..., "error_description": ...}``,
+injected faults at ``/token`` included (:func:`token_fault_response`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from html import escape
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from billing_responder.sandbox._http import RecordedRequest, Response
+from billing_responder.sandbox._http import Fault, RecordedRequest, Response
 
 if TYPE_CHECKING:
     from billing_responder.sandbox.gmail import GmailEmulator
@@ -503,6 +505,44 @@ def _check_lifetime(claims: dict[str, Any]) -> None:
         raise OAuthRefusalError("invalid_grant", _BAD_LIFETIME)
     if exp - iat > _MAX_ASSERTION_LIFETIME or iat > now + _CLOCK_SKEW or exp < now - _CLOCK_SKEW:
         raise OAuthRefusalError("invalid_grant", _BAD_LIFETIME)
+
+
+#: Shaped like the pages Google's front ends serve for a 5xx: the title comes after the head's
+#: boilerplate and a style sheet follows it, so quoting the page's start says nothing.
+_FRONT_END_ERROR_PAGE = """<!DOCTYPE html>
+<html lang=en>
+  <meta charset=utf-8>
+  <meta name=viewport content="initial-scale=1, minimum-scale=1, width=device-width">
+  <title>Error {status} ({phrase})!!1</title>
+  <style>
+    *{{margin:0;padding:0}}html,code{{font:15px/22px arial,sans-serif}}html{{background:#fff;
+    color:#222;padding:15px}}body{{margin:7% auto 0;max-width:390px;min-height:180px}}
+  </style>
+  <p><b>{status}.</b> <ins>That's an error.</ins>
+  <p>The server encountered a temporary error and could not complete your request.
+  <p>Please try again in 30 seconds. <ins>That's all we know.</ins>
+"""
+
+
+def token_fault_response(fault: Fault) -> Response:
+    """An injected fault at ``/token``, as Google's token endpoint fails: its JSON error, with
+    ``fault.reason`` as the code (``temporarily_unavailable`` when none is given); or, when the
+    fault's headers give a ``text/html`` Content-Type, the bare error page a front end serves
+    when the endpoint behind it is down, which is not JSON at all.
+
+    The shape matters: google-auth decides from it, not from the status alone, whether a
+    failed refresh may be tried again.
+    """
+    phrase = HTTPStatus(fault.status).phrase
+    if any(
+        key.lower() == "content-type" and value.startswith("text/html")
+        for key, value in fault.headers.items()
+    ):
+        page = _FRONT_END_ERROR_PAGE.format(status=fault.status, phrase=escape(phrase))
+        return Response(fault.status, page.encode("utf-8"), dict(fault.headers))
+    description = phrase if fault.message == Fault.message else fault.message
+    payload = {"error": fault.reason or "temporarily_unavailable", "error_description": description}
+    return Response.json(fault.status, payload, fault.headers)
 
 
 def _error_page(status: int, error: str, detail: str) -> Response:
