@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from billing_responder.config import STRIPE_CREDENTIAL_NAME
+
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "billing-responder.service"
 README = REPO / "systemd" / "README.md"
@@ -258,11 +260,11 @@ class TestPromises:
         assert service["CapabilityBoundingSet"] == []
         assert service["AmbientCapabilities"] == []
 
-    def test_readme_names_the_credential_path_the_unit_creates(self, unit: Unit) -> None:
-        """systemd/README.md's api_key_file is /run/credentials/<unit>/<the LoadCredential id>."""
+    def test_the_unit_loads_the_credential_billing_responder_reads(self, unit: Unit) -> None:
+        """The LoadCredential id is the name billing-responder looks for in $CREDENTIALS_DIRECTORY, and systemd/README.md names that path."""
         credential_id = unit["Service"]["LoadCredential"][0].partition(":")[0]
-        path = f"/run/credentials/{UNIT.name}/{credential_id}"
-        assert f'api_key_file = "{path}"' in README.read_text(encoding="utf-8")
+        assert credential_id == STRIPE_CREDENTIAL_NAME
+        assert f"$CREDENTIALS_DIRECTORY/{credential_id}" in README.read_text(encoding="utf-8")
 
 
 class TestParser:
