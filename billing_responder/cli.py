@@ -276,12 +276,10 @@ def _run(config: Config, *, dry_run: bool) -> int:
         config.schedule.interval_seconds,
         on_outcome=print_dry_run_outcome if dry_run else log_outcome,
     ) as daemon:
-        try:
-            service = build_service(config, dry_run=dry_run)
-        except BillingResponderError:
-            if daemon.stopping:
-                return EXIT_OK  # told to stop during start-up: a clean stop, not a failure
-            raise
+        # An outage at start-up is waited out (Daemon.start_up); any other error ends the run.
+        service = daemon.start_up(lambda: build_service(config, dry_run=dry_run))
+        if service is None:
+            return EXIT_OK  # told to stop during start-up: a clean stop, not a failure
         try:
             daemon.run(service.cycle)
         finally:

@@ -7,12 +7,25 @@ back-off at once: the message in hand is finished (or, if a call of it was faili
 next start), the rest wait, and the process exits 0. The handlers are installed before start-up
 checks run, so a SIGTERM during start-up is a clean stop too.
 
+Start-up (:meth:`Daemon.start_up`) waits out an outage instead of exiting: when building the
+service fails with :class:`~billing_responder.errors.ServiceUnavailableError` (Gmail or Stripe
+unreachable, or answering 5xx, after the adapters' own retries), it logs one ERROR line and tries
+again after 1 s, then 2, 4, 8... seconds, at most 5 minutes apart, until the service is built or
+it is told to stop. Exiting instead would spend systemd's start limit (5 starts in 30 minutes) in
+a few minutes of outage and leave the unit failed for good. A refused key, lost Gmail
+authorisation, a bad config or an unusable database still end the start at once: waiting cannot
+fix those.
+
 Under systemd (``Type=notify``) the daemon reports through :mod:`billing_responder.notify`:
-``READY=1`` when it starts polling (credentials and labels were verified by then), ``STATUS=``
-after every cycle, ``STOPPING=1`` when told to stop, and ``WATCHDOG=1`` every half
-``WatchdogSec`` -- but only while it makes progress: a cycle finished, or a message handled,
-within the last poll interval plus ``WatchdogSec``. A hung request or a cycle that keeps failing
-stops the pings, and systemd restarts the service.
+``STATUS=`` and ``EXTEND_TIMEOUT_USEC=`` after each failed start-up attempt (the extension covers
+the back-off plus 5 minutes for the next attempt, so ``TimeoutStartSec=`` does not kill a start
+that is waiting out an outage, but still kills one that hangs), ``READY=1`` when it starts
+polling (credentials and labels were verified by then), ``STATUS=`` after every cycle,
+``STOPPING=1`` when told to stop, and ``WATCHDOG=1`` every half ``WatchdogSec`` -- but only while
+it makes progress: a cycle finished, or a message handled, within the last poll interval plus
+``WatchdogSec``. A hung request or a cycle that keeps failing stops the pings, and systemd
+restarts the service. systemd arms the watchdog only once start-up completes (``READY=1``), so
+no pings are due while start-up retries.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -36,6 +49,15 @@ from billing_responder.retry import clear_stop, request_stop
 log = logging.getLogger(__name__)
 
 Cycle = Callable[..., CycleReport]
+T = TypeVar("T")
+
+#: Start-up back-off: the wait after the first failed attempt, doubled after each further one...
+START_UP_FIRST_WAIT = 1.0
+#: ...up to this many seconds between attempts.
+START_UP_MAX_WAIT = 300.0
+#: What systemd is asked to allow one start-up attempt, on top of the back-off before it: the
+#: unit's ``TimeoutStartSec=`` for the first attempt, this for every later one.
+START_UP_ATTEMPT_SECONDS = 300.0
 
 
 class Daemon:
@@ -79,6 +101,40 @@ class Daemon:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def start_up(self, build: Callable[[], T]) -> T | None:
+        """``build()``, tried again with a growing back-off for as long as a service is unavailable.
+
+        Returns what ``build`` returned, or None when told to stop first (whatever error the
+        stop cut short: a clean stop). Any other error ends the start at once.
+        """
+        failures = 0
+        while True:
+            try:
+                built = build()
+            except ServiceUnavailableError as exc:
+                if self._stop.is_set():
+                    return None
+                failures += 1
+                self._start_up_failed(exc, failures)
+                if self._stop.wait(start_up_wait(failures)):
+                    return None
+                continue
+            except BillingResponderError:
+                if self._stop.is_set():
+                    return None
+                raise
+            if failures:
+                log.info("started after %d failed attempt(s)", failures)
+            return built
+
+    def _start_up_failed(self, exc: ServiceUnavailableError, failures: int) -> None:
+        wait = start_up_wait(failures)
+        log.error("start-up attempt %d failed, retrying in %g s: %s", failures, wait, exc)
+        retry_at = _now(time.time() + wait)
+        self._notifier.status(f"starting: {exc}; retrying in {wait:g} s (at {retry_at})")
+        extension = round((wait + START_UP_ATTEMPT_SECONDS) * 1_000_000)
+        self._notifier.notify(f"EXTEND_TIMEOUT_USEC={extension}")
 
     def run(self, cycle: Cycle) -> None:
         """Block until SIGTERM/SIGINT or a fatal error; raises the fatal error if any."""
@@ -175,5 +231,11 @@ class Daemon:
         self.stop()
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+def start_up_wait(failures: int) -> float:
+    """Seconds to wait after ``failures`` failed start-up attempts: 1, 2, 4... at most 300."""
+    return min(START_UP_MAX_WAIT, START_UP_FIRST_WAIT * 2.0 ** min(failures - 1, 30))
+
+
+def _now(timestamp: float | None = None) -> str:
+    when = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")

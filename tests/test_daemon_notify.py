@@ -152,3 +152,28 @@ class TestNotifications:
         # The next cycle (within 1 s) hangs; pings may go on until the poll interval plus
         # WatchdogSec (1 + 2 s) after the last progress, and then never while it hangs.
         assert not [p for p in pings if p > 5], pings
+
+
+class TestStartUpOutage:
+    def test_status_and_start_timeout_extension_while_waiting_out_an_outage_then_ready(
+        self, sandbox: Sandbox, notify_socket: NotifySocket
+    ) -> None:
+        """While Stripe is down at start-up: a STATUS line naming it and the retry, EXTEND_TIMEOUT_USEC covering the wait, no READY=1 or WATCHDOG=1; READY=1 once it is back."""
+        sandbox.stripe.inject_fault(Fault(503, method="GET", path=r"^/v1/customers$", times=2,
+                                          headers={"Retry-After": "3600"}))  # no in-call retry
+        process = start_daemon(sandbox, notify_socket)
+        try:
+            assert notify_socket.collect_until("READY=1"), notify_socket.texts()
+        finally:
+            code, err = terminate(process)
+        assert code == 0, err
+        texts = notify_socket.texts()
+        before_ready = texts[: next(i for i, t in enumerate(texts) if t.startswith("READY=1"))]
+        statuses = [t for t in before_ready if t.startswith("STATUS=")]
+        assert len(statuses) == 2, texts
+        assert statuses[0].startswith("STATUS=starting: Stripe: "), statuses
+        assert "retrying in 1 s" in statuses[0] and "retrying in 2 s" in statuses[1], statuses
+        # The back-off plus 5 minutes for the next attempt, past TimeoutStartSec=5min.
+        extensions = [t for t in before_ready if t.startswith("EXTEND_TIMEOUT_USEC=")]
+        assert extensions == ["EXTEND_TIMEOUT_USEC=301000000", "EXTEND_TIMEOUT_USEC=302000000"]
+        assert "WATCHDOG=1" not in before_ready
