@@ -1,6 +1,7 @@
 """Telling the operator that the responder stopped working (``[notify]``).
 
-When `once` or `run` ends with exit 1 (a fatal error) or 3 (Gmail authorisation lost), the CLI
+When `once` or `run` ends with exit 1 (a fatal error), 3 (Gmail authorisation lost) or 2 (a
+config problem found only once running, such as the metrics port in use), the CLI
 calls :func:`notify_operator`, which tries both channels the config names, each on its own:
 
 - ``[notify] command``: run as an argv list (no shell), with ``BILLING_RESPONDER_PROBLEM`` and
@@ -49,6 +50,11 @@ _MEANING = {
         "Gmail authorisation lost",
         "To fix it, authorise the mailbox again on {host}: billing-responder auth\n"
         "(then start the service again: systemctl start billing-responder).",
+    ),
+    2: (
+        "a configuration problem",
+        "Fix the setting named above in the config on {host}, then start the service again "
+        "(systemctl start billing-responder); systemd does not restart it on its own.",
     ),
     1: (
         "a fatal error",

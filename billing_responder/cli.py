@@ -3,8 +3,8 @@
 Exit codes (a promise to scripts and systemd):
     0  the command did what it says (a cycle ran; deferred messages do not fail it; `check` found
        everything ready)
-    1  a fatal error: a service refused us or stayed unreachable after retries (`check`: something
-       is not ready)
+    1  a fatal error: a service refused us, or (`once`) stayed unreachable after retries; `run`
+       waits an outage out instead (`check`: something is not ready)
     2  bad usage or a bad config: one line names the file, the key and what is wrong
     3  Gmail authorisation lost (the refresh token expired or was revoked): run
        `billing-responder auth`; systemd does not restart on it
@@ -174,13 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     try:
         return _dispatch(config, args)
-    except (ConfigError, UsageError) as exc:
+    except UsageError as exc:
         print(f"billing-responder: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        # Found only once running (the metrics port taken, the state database unusable): systemd
+        # does not restart on 2, so the operator hears of it.
+        print(f"billing-responder: {exc}", file=sys.stderr)
+        _alert(config, args, str(exc), EXIT_USAGE)
         return EXIT_USAGE
     except GmailAuthError as exc:
         problem = f"Gmail authorisation lost: {exc}"
-        print(f"billing-responder: {problem}", file=sys.stderr)
-        print("billing-responder: to fix it, run: billing-responder auth", file=sys.stderr)
+        # One line, what happened and the fix, so `journalctl -n 1` says all of it.
+        print(f"billing-responder: {problem}; to fix it, run: billing-responder auth",
+              file=sys.stderr)
         _alert(config, args, problem, EXIT_AUTH_LOST)
         return EXIT_AUTH_LOST
     except BillingResponderError as exc:  # FatalServiceError and everything else we raise

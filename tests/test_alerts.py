@@ -8,6 +8,7 @@ refresh token, under `once` in-process and under `run` as a daemon subprocess.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +88,8 @@ class TestCommandHook:
             if process.poll() is None:
                 stop(process)
         assert process.returncode == 3, err
-        assert "billing-responder: to fix it, run: billing-responder auth" in err.splitlines()
+        assert any(line.endswith("; to fix it, run: billing-responder auth")
+                   for line in err.splitlines())
         told = json.loads(seen.read_text())
         assert told["BILLING_RESPONDER_EXIT_CODE"] == "3"
         assert "invalid_grant" in told["BILLING_RESPONDER_PROBLEM"]
@@ -101,6 +103,24 @@ class TestCommandHook:
         assert told["BILLING_RESPONDER_EXIT_CODE"] == "1"
         assert told["BILLING_RESPONDER_PROBLEM"].startswith("Stripe:")
         assert "sk_test_wrong" not in told["BILLING_RESPONDER_PROBLEM"]
+
+    def test_a_config_problem_met_while_starting_runs_the_hook_with_exit_code_2(
+        self, sandbox: Sandbox
+    ) -> None:
+        """[metrics] listen on a taken port: exit 2 (systemd will not restart), and the hook hears exit code 2 and the key; a usage mistake would not call it."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            seen = with_hook(sandbox)
+            sandbox.set_config(f'[metrics]\nlisten = "127.0.0.1:{port}"')
+            assert sandbox.cli("once", "--review", str(sandbox.folder / "r")).code == 2
+            assert not seen.exists()  # --review without --dry-run: the caller's mistake
+            result = sandbox.cli("run")
+        assert result.code == 2, result.stderr
+        told = json.loads(seen.read_text())
+        assert told["BILLING_RESPONDER_EXIT_CODE"] == "2"
+        assert "metrics.listen" in told["BILLING_RESPONDER_PROBLEM"]
 
     @pytest.mark.parametrize(
         ("program", "logged"),
@@ -120,9 +140,8 @@ class TestCommandHook:
         result = sandbox.cli("once")
         assert result.code == 3
         assert "WARNING" in result.stderr and logged in result.stderr
-        assert "billing-responder: to fix it, run: billing-responder auth" in (
-            result.stderr.splitlines()
-        )
+        assert any(line.endswith("; to fix it, run: billing-responder auth")
+                   for line in result.stderr.splitlines())
 
     def test_a_hook_that_cannot_start_is_logged(self, sandbox: Sandbox) -> None:
         """A program that does not exist: exit 3 unchanged, a WARNING naming it."""

@@ -385,8 +385,9 @@ class TestServiceAccount:
         use_service_account(sandbox, delegated_user="someone.else@acme-saas.test")
         result = sandbox.cli("once")
         assert result.code == 3
-        problem = result.stderr.strip().splitlines()[-2]
+        problem = result.stderr.strip().splitlines()[-1]
         assert "unauthorized_client" in problem and "domain-wide delegation" in problem
+        assert problem.endswith("; to fix it, run: billing-responder auth")
         assert [(g.subject, g.error) for g in sandbox.gmail.oauth.grants()] == [
             ("someone.else@acme-saas.test", "unauthorized_client")
         ]

@@ -496,13 +496,14 @@ class TestFatalErrors:
         assert sandbox.gmail.writes() == []
 
     def test_revoked_gmail_token_exits_3_and_says_what_to_do(self, sandbox: Sandbox) -> None:
-        """invalid_grant: exit 3 (authorisation lost), the problem and the fixing command, no traceback."""
+        """invalid_grant: exit 3 (authorisation lost), the problem and the fixing command on one last line, no traceback."""
         sandbox.gmail.revoke()
         result = sandbox.cli("once")
         assert result.code == 3
-        lines = result.stderr.strip().splitlines()
-        assert "Gmail authorisation lost" in lines[-2] and "invalid_grant" in lines[-2]
-        assert lines[-1] == "billing-responder: to fix it, run: billing-responder auth"
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("billing-responder: Gmail authorisation lost")
+        assert "invalid_grant" in line
+        assert line.endswith("; to fix it, run: billing-responder auth")
         assert "Traceback" not in result.stderr
 
     def test_bad_config_exits_2_naming_file_and_key(self, sandbox: Sandbox) -> None:
