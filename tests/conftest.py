@@ -18,6 +18,8 @@ from googleapiclient.discovery import build
 
 from billing_responder import billing, gmail
 from billing_responder.cli import main
+from billing_responder.config import Config, load_config
+from billing_responder.ledger import SqliteLedger
 from billing_responder.sandbox.demo import write_sandbox_config
 from billing_responder.sandbox.gmail import GmailEmulator
 from billing_responder.sandbox.inbox import MAILBOX
@@ -151,3 +153,13 @@ def as_nobody() -> Iterator[None]:
     finally:
         os.seteuid(0)
         os.setegid(0)
+
+
+def private_ledger_config(sandbox: Sandbox) -> Config:
+    """The sandbox config with its ledger in a folder only root may enter (as a service's private
+    state directory is to other users), the ledger created."""
+    private = sandbox.folder / "private"
+    private.mkdir(mode=0o700)
+    SqliteLedger(private / "state.db").close()
+    config = load_config(sandbox.config_path)
+    return replace(config, state=replace(config.state, database=private / "state.db"))

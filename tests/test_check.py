@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,10 @@ from google.auth.transport.requests import Request
 from google.oauth2.credentials import Credentials
 
 from billing_responder import checklist
-from billing_responder.config import load_config
 from billing_responder.ledger import SqliteLedger
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.stripe import StripeEmulator
-from tests.conftest import CliResult, Sandbox, as_nobody, needs_root
+from tests.conftest import CliResult, Sandbox, as_nobody, needs_root, private_ledger_config
 
 MODIFY = "https://www.googleapis.com/auth/gmail.modify"
 READONLY = "https://www.googleapis.com/auth/gmail.readonly"
@@ -509,11 +507,8 @@ class TestStateAndSecrets:
         self, sandbox: Sandbox
     ) -> None:
         """Run as a user who cannot enter the ledger's folder: the state database line is ✗ naming the folder and saying to run `check` as root or the service's user; every check still prints, no traceback."""
-        private = sandbox.folder / "private"
-        private.mkdir(mode=0o700)
-        SqliteLedger(private / "state.db").close()
-        config = load_config(sandbox.config_path)
-        config = replace(config, state=replace(config.state, database=private / "state.db"))
+        config = private_ledger_config(sandbox)
+        private = config.state.database.parent
         out = io.StringIO()
         with as_nobody():
             code = checklist.run_check(config, out)

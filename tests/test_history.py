@@ -11,13 +11,11 @@ import io
 import json
 import re
 import sqlite3
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from billing_responder import history
-from billing_responder.config import load_config
 from billing_responder.errors import StateError, UsageError
 from billing_responder.history import (
     display_width,
@@ -25,10 +23,10 @@ from billing_responder.history import (
     parse_since,
     table_row,
 )
-from billing_responder.ledger import HistoryEntry, SqliteLedger
+from billing_responder.ledger import HistoryEntry
 from billing_responder.sandbox._http import Fault
 from billing_responder.sandbox.inbox import Seeded, person_mail, seed
-from tests.conftest import Sandbox, as_nobody, needs_root
+from tests.conftest import Sandbox, as_nobody, needs_root, private_ledger_config
 from tests.test_draft_mode import draft_mode
 
 SEND = r"/messages/send$"
@@ -261,11 +259,7 @@ class TestPrivateLedger:
         self, sandbox: Sandbox
     ) -> None:
         """As a user who cannot enter the ledger's folder (DynamicUser's /var/lib/private is 0700), `history` raises the StateError saying to run it as root or the service's user, no PermissionError traceback."""
-        private = sandbox.folder / "private"
-        private.mkdir(mode=0o700)
-        SqliteLedger(private / "state.db").close()
-        config = load_config(sandbox.config_path)
-        config = replace(config, state=replace(config.state, database=private / "state.db"))
+        config = private_ledger_config(sandbox)
         with as_nobody(), pytest.raises(StateError, match="run `history` as root"):
             history.run_history(
                 config, since=None, decision=None, as_json=False, full=False, limit=10,
