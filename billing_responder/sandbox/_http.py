@@ -187,8 +187,8 @@ class EmulatorServer:
         """Answer one request as the emulated API would."""
         raise NotImplementedError
 
-    def error(self, fault: Fault) -> Response:
-        """An error response in the emulated API's own shape."""
+    def error(self, fault: Fault, request: RecordedRequest) -> Response:
+        """An error response in the emulated API's own shape, for the request it fails."""
         return Response.json(fault.status, {"error": {"message": fault.message}}, fault.headers)
 
     # -- internals --------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class EmulatorServer:
             if fault.drop:
                 self._log_request(request, 0)
                 return None
-            response = self.error(fault)
+            response = self.error(fault, request)
         self._log_request(request, response.status)
         return response
 

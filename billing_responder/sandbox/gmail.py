@@ -180,8 +180,6 @@ class GmailEmulator(EmulatorServer):
         self._clock = clock
         self._access_tokens: dict[str, float] = {}  # token -> expiry (clock seconds)
         self._token_lock = threading.Lock()
-        #: The path of the request each handler thread is answering, for :meth:`error`.
-        self._answering = threading.local()
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -311,17 +309,13 @@ class GmailEmulator(EmulatorServer):
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    def _dispatch(self, request: RecordedRequest) -> Response | None:
-        self._answering.path = request.path
-        return super()._dispatch(request)
-
-    def error(self, fault: Fault) -> Response:
+    def error(self, fault: Fault, request: RecordedRequest) -> Response:
         """An injected fault in Google's error shape; ``fault.reason`` becomes errors[0].reason.
 
         At ``/token`` the fault stands in for Google's OAuth server, not the Gmail API, and
         answers in that server's shape (:func:`~.gmail_oauth.token_fault_response`).
         """
-        if getattr(self._answering, "path", None) == "/token":
+        if request.path == "/token":
             return token_fault_response(fault)
         message = None if fault.message == Fault.message else fault.message
         reason = fault.reason or None

@@ -287,7 +287,7 @@ class StripeEmulator(EmulatorServer):
         response.headers.setdefault("Stripe-Version", version)
         return response
 
-    def error(self, fault: Fault) -> Response:
+    def error(self, fault: Fault, request: RecordedRequest) -> Response:
         code = fault.reason or ("rate_limit" if fault.status == 429 else None)
         message = fault.message
         if message == Fault.message and code == "rate_limit":
