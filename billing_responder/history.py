@@ -58,19 +58,19 @@ def run_history(
         raise UsageError(f"--limit must be at least 1, not {limit}")
     since_time = parse_since(since, datetime.now(UTC)) if since is not None else None
     path = config.state.database
-    unreadable = StateError(
-        f"{path}: not readable by this user (the ledger is private to the service):"
-        " run `history` as root or as the service's user"
-    )
     try:
         exists = path.exists()  # Python 3.11 raises on EACCES (a folder private to the service)
     except PermissionError:
-        raise unreadable from None
+        exists = True  # there may well be one: os.access below says it is not ours to read
     if not exists:
         print(f"billing-responder: no history yet: {path} does not exist", file=sys.stderr)
         return 0
-    if not os.access(path, os.R_OK):
-        raise unreadable
+    # Asked as the user we act as (effective ids), which is who SQLite would open it as.
+    if not os.access(path, os.R_OK, effective_ids=True):
+        raise StateError(
+            f"{path}: not readable by this user (the ledger is private to the service):"
+            " run `history` as root or as the service's user"
+        )
     ledger = SqliteLedger(path, read_only=True)
     try:
         entries = ledger.history(since=since_time, action=decision, limit=limit)
@@ -213,22 +213,22 @@ _GIVE_WAY = (
 def table_row(entry: HistoryEntry, *, full: bool) -> tuple[str, ...]:
     """The table's cells for one entry, each made safe for a terminal."""
     hide = (lambda text: text) if full else mask_addresses_in
-    sent = reply_sent(entry)
     cells = (
         _when(entry.updated_at),
         _sender(entry.sender, full) or "-",
         hide(entry.subject) or "-",
         decision_label(entry),
-        _sent_cell(entry, sent),
+        _sent_cell(entry),
         entry.customer_id or "-",
         hide("; ".join(why(entry))) or "-",
     )
     return tuple(terminal_safe(cell) for cell in cells)
 
 
-def _sent_cell(entry: HistoryEntry, sent: bool | None) -> str:
+def _sent_cell(entry: HistoryEntry) -> str:
     if entry.reply_drafted:
         return "draft"  # left in the thread for a person to send (draft mode)
+    sent = reply_sent(entry)
     return "in doubt" if sent is None else "yes" if sent else "no"
 
 
