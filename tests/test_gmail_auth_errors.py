@@ -16,9 +16,8 @@ import stat
 import pytest
 
 from billing_responder.sandbox._http import Fault
-from billing_responder.sandbox.inbox import person_mail
 from tests.conftest import NOBODY, Sandbox, needs_root
-from tests.test_auth import use_service_account
+from tests.test_auth import answerable_mail, use_service_account
 from tests.test_check import lines, run_check
 from tests.test_cli import start_daemon, stop, wait_for
 
@@ -35,11 +34,6 @@ def outage(kind: str) -> Fault:
     status, _, shape = kind.partition("-")
     headers = HTML if shape == "page" else {}
     return Fault(int(status), method="POST", path=TOKEN, times=ONE_REFRESH, headers=headers)
-
-
-def answerable_mail(sandbox: Sandbox) -> None:
-    sandbox.stripe.add_customer("ada@example.com")
-    sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "Where is it?"))
 
 
 def assert_no_auth_blame(stderr: str) -> None:

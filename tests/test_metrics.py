@@ -191,18 +191,16 @@ class TestDaemon:
         assert code == 0, err
         assert ports == set()
 
-
     def test_once_beside_a_serving_daemon_answers_without_touching_the_port(
         self, sandbox: Sandbox, metrics_port: int
     ) -> None:
-        """`once` with [metrics] listen set to a port already served (the daemon's) still answers mail and exits 0; the port stays the daemon's."""
+        """`once` with [metrics] listen set to a port already taken (the daemon's) still answers mail and exits 0, saying nothing about metrics."""
         sandbox.stripe.add_customer("ada@example.com")
         sandbox.gmail.deliver(person_mail("ada@example.com", "Invoice", "?"))
         with socket.socket() as daemons:
             daemons.bind(("127.0.0.1", metrics_port))
             daemons.listen()
             result = sandbox.cli("once")
-            assert daemons.getsockname()[1] == metrics_port
         assert result.code == 0, result.stderr
         assert "metrics" not in result.stderr
         assert len(sandbox.gmail.sent_messages()) == 1
@@ -299,7 +297,6 @@ class TestInProcess:
             with pytest.raises(requests.ConnectionError):
                 requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
             assert not [t for t in threading.enumerate() if "serve_forever" in t.name]
-
 
     def test_a_close_that_fails_still_releases_the_rest(
         self, sandbox: Sandbox, metrics_port: int, monkeypatch: pytest.MonkeyPatch
