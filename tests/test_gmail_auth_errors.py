@@ -135,15 +135,6 @@ class TestRefusedCredential:
         assert code in result.stderr
         assert "run: billing-responder auth" in result.stderr
 
-    def test_a_revoked_refresh_token_exits_3(self, sandbox: Sandbox) -> None:
-        """The emulator's own invalid_grant for a revoked token: exit 3, authorisation lost."""
-        sandbox.gmail.revoke()
-
-        result = sandbox.cli("once")
-
-        assert result.code == 3, result.stderr
-        assert "Gmail authorisation lost" in result.stderr and "invalid_grant" in result.stderr
-
 
 class TestTokenFileOwner:
     @needs_root
