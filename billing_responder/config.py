@@ -52,6 +52,9 @@ class GmailConfig:
     api_endpoint: str = ""
     user_id: str = "me"
     timeout_seconds: float = 30.0
+    #: The mailbox's per-user Gmail quota: the client-side governor keeps every minute under it.
+    #: 6,000 for newer Cloud projects, 15,000 for older ones (Google Cloud console, Quotas).
+    quota_units_per_minute: int = 6000
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ class StripeConfig:
     portal_configuration: str = ""
     locale: str = ""
     timeout_seconds: float = 30.0
+    #: Stripe's rate limits, kept to by the client-side governor. 0: Stripe's published default
+    #: for the key's mode (25 read or write requests a second in test mode, 100 in live mode).
+    requests_per_second: int = 0
+    #: The Search API's own limit (20 read requests a second in either mode).
+    search_requests_per_second: int = 20
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class LimitsConfig:
     per_sender_hours: float = 24.0
     max_replies_per_hour: int = 60
     max_attempts: int = 10
+    #: Replies (sent or drafted) in any 24 hours; Google Workspace stops a mailbox at about 2,000
+    #: sent messages a day. Reached: nothing more is sent, the rest goes to a person.
+    max_sends_per_day: int = 2000
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,14 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class ConcurrencyConfig:
+    """``[concurrency]``: how many messages are handled at once."""
+
+    #: Messages in flight at a time; each worker has its own Gmail connection.
+    workers: int = 4
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """``[logging]``: what the daemon writes to stderr."""
 
@@ -167,6 +186,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     state: StateConfig = field(default_factory=StateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    concurrency: ConcurrencyConfig = field(default_factory=ConcurrencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -182,11 +202,15 @@ _SECTIONS: dict[str, type[Any]] = {
     "security": SecurityConfig,
     "state": StateConfig,
     "schedule": ScheduleConfig,
+    "concurrency": ConcurrencyConfig,
     "logging": LoggingConfig,
     "notify": NotifyConfig,
     "metrics": MetricsConfig,
 }
 
+#: More workers than this buys nothing against a per-user quota and only holds more connections.
+MAX_WORKERS = 32
+MIN_QUOTA_UNITS_PER_MINUTE = 500
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 REPLY_MODES = ("send", "draft")
@@ -380,9 +404,25 @@ def _validate_numbers(config: Config, shown: str) -> None:
         ("limits.per_sender_hours", config.limits.per_sender_hours),
         ("limits.max_replies_per_hour", config.limits.max_replies_per_hour),
         ("limits.max_attempts", config.limits.max_attempts),
+        ("limits.max_sends_per_day", config.limits.max_sends_per_day),
+        ("concurrency.workers", config.concurrency.workers),
+        ("stripe.search_requests_per_second", config.stripe.search_requests_per_second),
     ):
         if positive <= 0:
             raise ConfigError(shown, dotted, "must be greater than 0")
+    if config.stripe.requests_per_second < 0:
+        raise ConfigError(
+            shown, "stripe.requests_per_second", "must be 0 (Stripe's default) or more"
+        )
+    if config.concurrency.workers > MAX_WORKERS:
+        raise ConfigError(shown, "concurrency.workers", f"must be at most {MAX_WORKERS}")
+    if config.gmail.quota_units_per_minute < MIN_QUOTA_UNITS_PER_MINUTE:
+        # Below this no minute holds a reply (a send alone costs 100 units) plus its burst.
+        raise ConfigError(
+            shown,
+            "gmail.quota_units_per_minute",
+            f"must be at least {MIN_QUOTA_UNITS_PER_MINUTE} (one send costs 100 units)",
+        )
 
 
 def _validate_rest(config: Config, shown: str) -> None:
