@@ -33,6 +33,7 @@ class RecordedRequest:
     headers: Mapping[str, str]  # keys lower-cased
     body: bytes
     status: int = 0  # filled in once answered
+    received: float = 0.0  # when it arrived (time.time()), before any latency or fault delay
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -231,6 +232,7 @@ class EmulatorServer:
                     request.headers,
                     request.body,
                     status,
+                    request.received,
                 )
             )
 
@@ -243,6 +245,7 @@ def _make_handler(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True
 
         def _handle(self) -> None:
+            received = time.time()
             parsed = urllib.parse.urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
@@ -252,6 +255,7 @@ def _make_handler(server: EmulatorServer) -> type[BaseHTTPRequestHandler]:
                 query=urllib.parse.parse_qs(parsed.query, keep_blank_values=True),
                 headers={k.lower(): v for k, v in self.headers.items()},
                 body=body,
+                received=received,
             )
             response = server._dispatch(request)
             if response is None:  # a dropped connection: no status line, just a closed socket

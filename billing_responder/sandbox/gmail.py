@@ -487,6 +487,8 @@ class GmailEmulator(EmulatorServer):
         References only if the subjects match once reply prefixes are dropped. A sent message
         may join only the thread its request named; a received one may join any."""
         refs = message.referenced_ids()
+        if not refs:  # references nothing: a thread of its own (and no scan of every thread)
+            return message.id
         wanted = normalised_subject(message.doc.subject)
         for thread_id in list(self._threads) if joinable is None else joinable:
             members = [self._messages[i] for i in self._threads.get(thread_id, [])]

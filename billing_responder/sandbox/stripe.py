@@ -38,6 +38,7 @@ from typing import Any
 from billing_responder.sandbox._http import EmulatorServer, Fault, RecordedRequest, Response
 from billing_responder.sandbox.stripe_query import (
     CUSTOMER_FIELDS,
+    Query,
     StripeAPIError,
     created_ok,
     decode_params,
@@ -186,6 +187,12 @@ class StripeEmulator(EmulatorServer):
         self._session_pages: dict[str, dict[str, Any]] = {}  # URL path -> session
         self._rank: dict[str, tuple[int, int]] = {}  # id -> (created, sequence): list order
         self._index: dict[str, list[tuple[float, dict[str, Any]]]] = {}  # (visible at, snapshot)
+        # Lookups that would otherwise scan every object (a 10,000-customer benchmark): the ids
+        # of the customers whose email is exactly this; of a customer's subscriptions; and of the
+        # customers any of whose search snapshots holds this casefolded word in this string field.
+        self._by_email: dict[str | None, list[str]] = {}
+        self._subscriptions_of: dict[str, list[str]] = {}
+        self._search_words: dict[tuple[str, str], set[str]] = {}
         self._remembered: dict[tuple[str, str], _Remembered] = {}  # by (API key, idempotency key)
         self._searches: deque[float] = deque()  # times of the searches in the last second
         self._default_configuration = str(self._new_configuration({}, is_default=True)["id"])
@@ -236,6 +243,7 @@ class StripeEmulator(EmulatorServer):
                 raise KeyError(customer_id)
             sub = _subscription(_new_id("sub"), customer_id, status, created or self._now())
             self._add(self._subscriptions, sub)
+            self._subscriptions_of.setdefault(customer_id, []).append(sub["id"])
             return str(sub["id"])
 
     def update_customer(self, customer_id: str, **fields: str | None) -> None:
@@ -243,8 +251,12 @@ class StripeEmulator(EmulatorServer):
         if not set(fields) <= {"email", "name", "phone", "description"}:
             raise TypeError(f"cannot update {sorted(fields)}")
         with self._lock:
-            self._customers[customer_id].update(fields)
-            self._reindex(self._customers[customer_id])
+            customer = self._customers[customer_id]
+            if "email" in fields:
+                self._by_email[_email_key(customer["email"])].remove(customer_id)
+                self._by_email.setdefault(_email_key(fields["email"]), []).append(customer_id)
+            customer.update(fields)
+            self._reindex(customer)
 
     def add_configuration(
         self, *, active: bool = True, default_return_url: str | None = None
@@ -414,10 +426,14 @@ class StripeEmulator(EmulatorServer):
     def _list_customers(self, call: _Call) -> dict[str, Any]:
         expand = read_expand(call.params, {"data.subscriptions"})
         email = call.params.get("email")
+        if email is None:
+            candidates: Iterable[dict[str, Any]] = self._customers.values()
+        elif isinstance(email, str):  # exact and case-sensitive, as Stripe's filter
+            candidates = (self._customers[i] for i in self._by_email.get(email, ()))
+        else:  # email[x]=y: equal to no stored address
+            candidates = ()
         matching = [
-            c
-            for c in self._newest_first(self._customers)
-            if email in (None, c["email"]) and created_ok(call.params, c["created"])
+            c for c in self._newest_first(candidates) if created_ok(call.params, c["created"])
         ]
         page = self._page(matching, call.params, "/v1/customers", "customer")
         page["data"] = [self._render(c, bool(expand)) for c in page["data"]]
@@ -436,7 +452,7 @@ class StripeEmulator(EmulatorServer):
             raise missing("query")
         query = parse(text, CUSTOMER_FIELDS, "customers")
         found = []
-        for customer in self._newest_first(self._customers):
+        for customer in self._newest_first(self._search_candidates(query)):
             indexed = [snapshot for at, snapshot in self._index[customer["id"]] if at <= now]
             if indexed and query.matches(indexed[-1]):
                 found.append(customer)
@@ -453,6 +469,21 @@ class StripeEmulator(EmulatorServer):
         if "total_count" in expand:
             result["total_count"] = len(found)
         return result
+
+    def _search_candidates(self, query: Query) -> Iterable[dict[str, Any]]:
+        """Customers that may match ``query``: those whose snapshots hold the first word of a
+        clause every match must pass (a positive ``field:"words"`` on a string field, joined by
+        AND), else every customer. ``query.matches`` still decides."""
+        if query.conjunction == "AND":
+            for clause in query.clauses:
+                string_field = CUSTOMER_FIELDS.get(clause.field) == "string"
+                if clause.negated or clause.operator != ":" or not string_field:
+                    continue
+                words = str(clause.value).casefold().split() if clause.value is not None else []
+                if words:
+                    ids = self._search_words.get((clause.field, words[0]), set())
+                    return [self._customers[i] for i in ids]
+        return self._customers.values()
 
     def _create_customer(self, call: _Call) -> dict[str, Any]:
         expand = read_expand(call.params, {"subscriptions"})
@@ -486,6 +517,7 @@ class StripeEmulator(EmulatorServer):
         }
         # fmt: on
         self._add(self._customers, customer)
+        self._by_email.setdefault(_email_key(customer["email"]), []).append(customer["id"])
         self._index[customer["id"]] = []
         self._reindex(customer)
         return customer
@@ -494,14 +526,19 @@ class StripeEmulator(EmulatorServer):
         """Let search see ``customer`` as it is now, once the index has caught up."""
         visible_at = self.clock() + self.search_delay_seconds
         self._index[customer["id"]].append((visible_at, dict(customer)))
+        for name, kind in CUSTOMER_FIELDS.items():
+            if kind == "string" and customer.get(name) is not None:
+                for word in str(customer[name]).casefold().split():
+                    self._search_words.setdefault((name, word), set()).add(customer["id"])
 
     def _render(self, customer: dict[str, Any], with_subscriptions: bool) -> dict[str, Any]:
         out = dict(customer)
         if with_subscriptions:  # a customer's current subscriptions: all but canceled ones
+            mine = self._subscriptions_of.get(customer["id"], ())
             subs = [
                 s
-                for s in self._newest_first(self._subscriptions)
-                if s["customer"] == customer["id"] and s["status"] != "canceled"
+                for s in self._newest_first(self._subscriptions[i] for i in mine)
+                if s["status"] != "canceled"
             ]
             out["subscriptions"] = {
                 "object": "list",
@@ -532,7 +569,7 @@ class StripeEmulator(EmulatorServer):
 
         matching = [
             s
-            for s in self._newest_first(self._subscriptions)
+            for s in self._newest_first(self._subscriptions.values())
             if customer in (None, s["customer"])
             and wanted(s["status"])
             and created_ok(call.params, s["created"])
@@ -584,7 +621,7 @@ class StripeEmulator(EmulatorServer):
         }
         matching = [
             c
-            for c in self._newest_first(self._configurations)
+            for c in self._newest_first(self._configurations.values())
             if all(c[k] == v for k, v in wanted.items())
         ]
         return self._page(
@@ -644,8 +681,8 @@ class StripeEmulator(EmulatorServer):
         collection[obj["id"]] = obj
         self._rank[obj["id"]] = (obj["created"], len(self._rank))
 
-    def _newest_first(self, collection: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        return sorted(collection.values(), key=lambda o: self._rank[o["id"]], reverse=True)
+    def _newest_first(self, objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(objects, key=lambda o: self._rank[o["id"]], reverse=True)
 
     def _page(
         self, items: list[dict[str, Any]], params: Mapping[str, Any], url: str, kind: str
@@ -677,6 +714,11 @@ def mask_key(key: str) -> str:
     if len(key) > 12:
         return key[:8] + "*" * (len(key) - 12) + key[-4:]
     return "*" * max(len(key) - 4, 0) + key[-4:]
+
+
+def _email_key(email: object) -> str | None:
+    """A customer's email as its ``_by_email`` key; None (never looked up) when it is no string."""
+    return email if isinstance(email, str) else None
 
 
 def _new_id(prefix: str) -> str:
