@@ -836,6 +836,34 @@ class TestInspection:
             f"/gmail/v1/users/me/messages/{message_id}/modify"
         ]
 
+    def test_sent_times_say_when_and_where_each_message_was_sent(
+        self, gmail: GmailEmulator, service: Any
+    ) -> None:
+        """sent_times() gives each SENT message's id, thread and internalDate, as
+        sent_messages() does, oldest first; received mail is not in it."""
+        _, thread = gmail.deliver(make_raw("Invoice 42", message_id="<a@x.test>"))
+        reply = make_raw(
+            "Re: Invoice 42", sender=gmail.address, to="amy@example.com", in_reply_to="<a@x.test>"
+        )
+        send_raw(service, reply, thread)
+        send_raw(service, make_raw("Hello", sender=gmail.address, to="bob@example.com"))
+
+        expected = [(m.id, m.thread_id, m.internal_date_ms) for m in gmail.sent_messages()]
+        assert gmail.sent_times() == expected
+        assert [thread_id for _, thread_id, _ in expected][:1] == [thread]
+        assert len(expected) == 2
+
+    def test_requests_record_when_they_arrived(
+        self, gmail: GmailEmulator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each recorded request carries the time it arrived, before the emulator's latency."""
+        monkeypatch.setattr(gmail, "latency", 0.3)
+        before = time.time()
+        raw_request(gmail, "/gmail/v1/users/me/profile")
+        answered = time.time()
+        [request] = gmail.requests
+        assert before <= request.received <= answered - 0.3
+
     def test_reset_empties_the_mailbox(self, gmail: GmailEmulator) -> None:
         """reset() forgets mail, labels, history and units."""
         gmail.create_label("X")

@@ -109,6 +109,21 @@ class TestCustomerList:
         assert listed("ada@example.com") == []
         assert listed("Ada@Example") == []
 
+    def test_email_filter_follows_an_updated_email(
+        self, emulator: StripeEmulator, client: stripe.StripeClient
+    ) -> None:
+        """After an email change the list filter finds the customer by the new address only,
+        newest first among those sharing it."""
+        older = emulator.add_customer("old@example.com", created=1000)
+        newer = emulator.add_customer("new@example.com", created=2000)
+        emulator.update_customer(older, email="new@example.com")
+
+        def listed(email: str) -> list[str]:
+            return [c.id for c in client.v1.customers.list(params={"email": email}).data]
+
+        assert listed("old@example.com") == []
+        assert listed("new@example.com") == [newer, older]
+
     def test_newest_first_with_cursor_paging(
         self, emulator: StripeEmulator, client: stripe.StripeClient
     ) -> None:
@@ -249,6 +264,20 @@ class TestSearch:
         assert set(search_ids(client, 'name:"ada lovelace" OR email~"hopper"')) == {ada, grace}
         assert search_ids(client, 'name:"lovelace" AND email~"hopper"') == []
         assert search_ids(client, '-email~"hopper"') == [ada]
+
+    def test_words_match_in_order_whatever_the_case(
+        self, emulator: StripeEmulator, client: stripe.StripeClient
+    ) -> None:
+        """``:`` on a string field wants the query's words together and in order, in any case;
+        a negated clause keeps everyone else."""
+        ada = emulator.add_customer("a@example.com", name="Ada King Lovelace")
+        king = emulator.add_customer("k@example.com", name="king ada")
+        emulator.add_customer("n@example.com")  # no name at all
+
+        assert search_ids(client, 'name:"ada king"') == [ada]
+        assert search_ids(client, 'name:"KING"') == [king, ada]
+        assert search_ids(client, 'name:"lovelace ada"') == []
+        assert search_ids(client, '-name:"lovelace" name:"king"') == [king]
 
     @pytest.mark.parametrize(
         ("query", "says"),

@@ -150,10 +150,10 @@ class GmailEmulator(EmulatorServer):
     """One Gmail mailbox behind the Gmail REST API, on 127.0.0.1.
 
     Seed it with :meth:`deliver` and :meth:`create_label`; inspect it with :meth:`sent_messages`,
-    :meth:`drafts`, :meth:`message`, :meth:`message_label_names`, :meth:`thread_label_names`,
-    :meth:`label_id`, :meth:`writes` and :attr:`units_used`. ``clock`` (seconds since the
-    epoch) drives ``internalDate``, ``newer_than:``, token expiry and the quota window, so tests
-    can move time.
+    :meth:`sent_times`, :meth:`drafts`, :meth:`message`, :meth:`message_label_names`,
+    :meth:`thread_label_names`, :meth:`label_id`, :meth:`writes` and :attr:`units_used`.
+    ``clock`` (seconds since the epoch) drives ``internalDate``, ``newer_than:``, token expiry and
+    the quota window, so tests can move time.
     """
 
     name = "gmail"
@@ -235,6 +235,17 @@ class GmailEmulator(EmulatorServer):
         with self._lock:
             found = [m for m in self._messages.values() if "SENT" in m.label_ids]
             return [m.snapshot() for m in found]
+
+    def sent_times(self) -> list[tuple[str, str, int]]:
+        """``(message id, thread id, internalDate ms)`` of every message labelled SENT, oldest
+        first: what :meth:`sent_messages` tells of when and where each was sent, without parsing
+        every message again (a benchmark counts 10,000 replies)."""
+        with self._lock:
+            return [
+                (m.id, m.thread_id, m.internal_date_ms)
+                for m in self._messages.values()
+                if "SENT" in m.label_ids
+            ]
 
     def drafts(self) -> list[StoredDraft]:
         """Every draft (created through the API and not yet sent or deleted), oldest first."""
