@@ -26,6 +26,7 @@ from billing_responder.errors import (
     ServiceUnavailableError,
     TransientServiceError,
 )
+from billing_responder.governor import TokenBucket, Unlimited
 from billing_responder.model import Customer, PortalSession
 from billing_responder.retry import RetryPolicy, parse_retry_after
 
@@ -51,6 +52,9 @@ def _retry_after(exc: BaseException) -> float | None:
         return parse_retry_after((exc.headers or {}).get("retry-after"))
     return None
 
+
+#: How long every worker pauses after a 429 that came without a Retry-After.
+_DEFAULT_BACK_OFF = 1.0
 
 #: Stripe: stripe-python does not retry a plain 429 itself, so every retry happens here.
 STRIPE_RETRY = RetryPolicy("Stripe", retryable=_is_retryable, retry_after=_retry_after)
@@ -87,6 +91,8 @@ class StripeBilling:
         portal_configuration: str = "",
         locale: str = "",
         timeout_seconds: float = 30.0,
+        governor: TokenBucket | Unlimited | None = None,
+        search_governor: TokenBucket | Unlimited | None = None,
     ) -> None:
         base_addresses: Any = {"api": api_base} if api_base else None
         self._http = stripe.RequestsClient(timeout=timeout_seconds)
@@ -97,6 +103,9 @@ class StripeBilling:
             max_network_retries=0,
             http_client=self._http,
         )
+        #: Stripe's rate limits, shared by every worker: all requests, and Search's own on top.
+        self._governor = governor or Unlimited()
+        self._search_governor = search_governor or Unlimited()
         self._return_url = return_url
         self._configuration = portal_configuration
         self._locale = locale
@@ -140,7 +149,8 @@ class StripeBilling:
             result = self._call(
                 lambda: self._client.v1.customers.search(
                     params={"query": query, "limit": 100, "expand": ["data.subscriptions"]}
-                )
+                ),
+                search=True,
             )
         except TransientServiceError as exc:
             if not found:
@@ -206,9 +216,22 @@ class StripeBilling:
         )
         return PortalSession(id=session.id, url=session.url)
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], *, search: bool = False) -> T:
+        def attempt() -> T:
+            if search:
+                self._search_governor.take(1)
+            self._governor.take(1)
+            try:
+                return fn()
+            except stripe.RateLimitError as exc:
+                # Every worker pauses, not only the one that met it.
+                told = _retry_after(exc)
+                pause = _DEFAULT_BACK_OFF if told is None else told
+                (self._search_governor if search else self._governor).back_off(pause)
+                raise
+
         try:
-            return STRIPE_RETRY.call(fn)
+            return STRIPE_RETRY.call(attempt)
         except stripe.AuthenticationError as exc:
             raise FatalServiceError(
                 "Stripe", f"the API key was rejected: {exc.user_message or exc}"

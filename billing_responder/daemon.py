@@ -188,9 +188,11 @@ class Daemon:
             return
         self._last_progress = time.monotonic()
         self._replies += sum(report.count(status) for status in ANSWERED)
-        self._notifier.status(
-            f"last cycle {_now()}: {report.summary()}; {self._replies} answered since start"
-        )
+        status = f"last cycle {_now()}: {report.summary()}; {self._replies} answered since start"
+        capped = capped_reason(report)
+        if capped is not None:
+            status += f"; replies paused: {capped}"
+        self._notifier.status(status)
         if any(o.status not in QUIET for o in report.outcomes):
             log.info("cycle done: %s", report.summary())
 
@@ -229,6 +231,15 @@ class Daemon:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("%s received: finishing the message in hand", signal.Signals(signum).name)
         self.stop()
+
+
+def capped_reason(report: CycleReport) -> str | None:
+    """Why this cycle sent billing mail to a person instead of answering it (the hourly breaker
+    or the daily cap), or None."""
+    for outcome in report.outcomes:
+        if outcome.send_cap is not None and outcome.decision is not None:
+            return outcome.decision.reasons[-1]
+    return None
 
 
 def start_up_wait(failures: int) -> float:

@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from billing_responder.errors import (
     ServiceUnavailableError,
     TransientServiceError,
 )
+from billing_responder.governor import TokenBucket, Unlimited
 from billing_responder.model import IncomingMessage, MailboxChange, MessageRef
 from billing_responder.retry import RetryPolicy, parse_retry_after
 
@@ -88,6 +90,8 @@ QUOTA_UNITS: dict[str, int] = {
     "gmail.users.drafts.create": 10,
 }
 _UNLISTED_UNITS = 5
+#: How long every worker pauses after a 429 that came without a Retry-After.
+_DEFAULT_BACK_OFF = 2.0
 
 
 #: An authorised user's token (``billing-responder auth``), or a Workspace service account acting
@@ -224,10 +228,13 @@ class GmailMailbox:
         credentials: GmailCredentials,
         *,
         on_quota: Callable[[int], None] = lambda units: None,
+        governor: TokenBucket | Unlimited | None = None,
     ) -> None:
         self._config = config
         #: Told the quota units of every request made, each attempt counted (for metrics).
         self._on_quota = on_quota
+        #: Paces every request to the mailbox's quota, across all workers (see governor.py).
+        self._governor = governor or Unlimited()
         self._credentials = credentials
         self._saved_token = credentials.token
         # httplib2 re-sends a request, POSTs included, when its connection closes without an
@@ -235,15 +242,18 @@ class GmailMailbox:
         # not: the client library still builds the send request, but it goes out over requests
         # (google-auth's AuthorizedSession), which never re-sends a POST by itself.
         httplib2.RETRIES = 1
-        self._send_session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
-        http = google_auth_httplib2.AuthorizedHttp(
-            credentials, http=httplib2.Http(timeout=config.timeout_seconds)
-        )
+        # httplib2 is not thread-safe: each worker thread gets its own connections (Google's
+        # advice for the client: one Http per thread, passed to execute()). The service object
+        # only builds requests, so one is shared: parsing the API description once per worker
+        # would cost megabytes each.
+        self._local = threading.local()
+        self._connections: list[tuple[Any, Any]] = []
+        self._connections_lock = threading.Lock()
         client_options = {"api_endpoint": config.api_endpoint} if config.api_endpoint else None
         self._service: Any = build(
             "gmail",
             "v1",
-            http=http,
+            http=self._http(),
             client_options=client_options,
             static_discovery=True,
             cache_discovery=False,
@@ -286,16 +296,19 @@ class GmailMailbox:
         self._label_ids.update({k: v for k, v in result.items() if v is not None})
         return result
 
-    def candidates(self, query: str) -> Iterator[MessageRef]:
-        """Every message matching ``query``, page by page (no cap at one page)."""
+    def candidate_pages(self, query: str) -> Iterator[list[MessageRef]]:
+        """Every message matching ``query``, newest first, one page (500) at a time; the next
+        page is asked for only when the caller wants it."""
         token: str | None = None
         while True:
             request = self._service.users().messages().list(
                 userId=self._user, q=query, maxResults=_PAGE_SIZE, pageToken=token
             )
             page = self._call(request, fatal=True)
-            for item in page.get("messages", []):
-                yield MessageRef(id=item["id"], thread_id=item["threadId"])
+            yield [
+                MessageRef(id=item["id"], thread_id=item["threadId"])
+                for item in page.get("messages", [])
+            ]
             token = page.get("nextPageToken")
             if not token:
                 return
@@ -341,9 +354,34 @@ class GmailMailbox:
                 return list(changes.values()), next_id
 
     def close(self) -> None:
-        """Close the HTTP connections."""
-        self._service.close()
-        self._send_session.close()  # type: ignore[no-untyped-call]
+        """Close the HTTP connections, every worker's."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for client, session in connections:
+            client.close()
+            session.close()
+
+    def _http(self) -> Any:
+        """This thread's httplib2 connection, authorised (made on first use)."""
+        return self._thread_connections()[0]
+
+    def _send_session(self) -> AuthorizedSession:
+        """This thread's requests session for the writes made once (made on first use)."""
+        session: AuthorizedSession = self._thread_connections()[1]
+        return session
+
+    def _thread_connections(self) -> tuple[Any, Any]:
+        connections: tuple[Any, Any] | None = getattr(self._local, "connections", None)
+        if connections is None:
+            http = google_auth_httplib2.AuthorizedHttp(
+                self._credentials, http=httplib2.Http(timeout=self._config.timeout_seconds)
+            )
+            session = AuthorizedSession(self._credentials)  # type: ignore[no-untyped-call]
+            connections = (http, session)
+            self._local.connections = connections
+            with self._connections_lock:
+                self._connections.append(connections)
+        return connections
 
     def persist_refreshed_token(self) -> None:
         """Write the token file back if the client refreshed the access token meanwhile.
@@ -449,7 +487,7 @@ class GmailMailbox:
         headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
         self._spend_quota(request)
         try:
-            response = self._send_session.request(  # type: ignore[no-untyped-call]
+            response = self._send_session().request(  # type: ignore[no-untyped-call]
                 request.method,
                 request.uri,
                 data=request.body,
@@ -465,6 +503,10 @@ class GmailMailbox:
             ) from None
         if response.status_code == 401:
             raise GmailAuthError(f"Gmail rejected the credentials (401): {_json_error(response)}")
+        status = response.status_code
+        if status == 429 or (status == 403 and _json_reason(response) in _RATE_LIMIT_REASONS):
+            told = parse_retry_after(response.headers.get("retry-after"))
+            self._governor.back_off(_DEFAULT_BACK_OFF if told is None else told)
         if response.status_code >= 400:
             raise TransientServiceError(
                 "Gmail", f"HTTP {response.status_code}: {_json_error(response)}"
@@ -489,7 +531,13 @@ class GmailMailbox:
 
         def execute() -> Any:
             self._spend_quota(request)
-            return request.execute()
+            try:
+                return request.execute(http=self._http())
+            except HttpError as exc:
+                if is_rate_limited(exc):
+                    told = retry_after_seconds(exc)
+                    self._governor.back_off(_DEFAULT_BACK_OFF if told is None else told)
+                raise
 
         try:
             return GMAIL_RETRY.call(execute) if retry else execute()
@@ -514,8 +562,11 @@ class GmailMailbox:
             raise GmailAuthError(str(exc)) from None
 
     def _spend_quota(self, request: Any) -> None:
-        """Report one attempt of ``request``; every Gmail request goes through here first."""
-        self._on_quota(QUOTA_UNITS.get(request.methodId, _UNLISTED_UNITS))
+        """Wait for the quota one attempt of ``request`` costs, and report it; every Gmail request
+        goes through here first."""
+        units = QUOTA_UNITS.get(request.methodId, _UNLISTED_UNITS)
+        self._governor.take(units)
+        self._on_quota(units)
 
 
 def _change(message: dict[str, Any], label_names: dict[str, str]) -> MailboxChange:
@@ -525,13 +576,16 @@ def _change(message: dict[str, Any], label_names: dict[str, str]) -> MailboxChan
     return MailboxChange(ref, frozenset(label_names.get(i, i) for i in message["labelIds"]))
 
 
+def is_rate_limited(exc: HttpError) -> bool:
+    """Whether Gmail said "too many requests": 429, or 403 with a rate-limit reason."""
+    status = exc.resp.status
+    return status == 429 or (status == 403 and _http_error_reason(exc) in _RATE_LIMIT_REASONS)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether a Gmail call that raised ``exc`` is worth trying again."""
     if isinstance(exc, HttpError):
-        status = exc.resp.status
-        if status == 429 or status >= 500:
-            return True
-        return status == 403 and _http_error_reason(exc) in _RATE_LIMIT_REASONS
+        return exc.resp.status >= 500 or is_rate_limited(exc)
     # Socket timeouts are OSErrors (TimeoutError) too; a connection dropped mid-answer surfaces
     # from httplib2 as http.client.HTTPException (IncompleteRead, RemoteDisconnected...).
     # A RefreshError is not retried here: google-auth has already tried the token endpoint three
@@ -564,6 +618,13 @@ def _http_error_detail(exc: HttpError) -> str:
         message = exc.resp.reason or "no detail"
     reason = _http_error_reason(exc)
     return f"{message} ({reason})" if reason else message
+
+
+def _json_reason(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["errors"][0]["reason"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
 
 
 def _json_error(response: requests.Response) -> str:

@@ -21,14 +21,17 @@ Schema changes are named migrations, each applied in a transaction together with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from billing_responder.errors import StateError
 from billing_responder.model import DONE, SENDING, SENT, Decision, LedgerEntry
@@ -112,6 +115,24 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _serialised(method: Callable[Concatenate[SqliteLedger, P], R]) -> Callable[
+    Concatenate[SqliteLedger, P], R
+]:
+    """One worker at a time on the connection: SQLite's own locking is between connections, and
+    a transaction begun by one thread must not take in another's statements."""
+
+    @functools.wraps(method)
+    def locked(self: SqliteLedger, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class SqliteLedger:
     """The ledger in one SQLite file (WAL), or read-only for a dry run."""
 
@@ -119,6 +140,7 @@ class SqliteLedger:
         self.path = path
         self.read_only = read_only
         self._clock = clock
+        self._lock = threading.RLock()
         try:
             self._db = self._connect()
             if not read_only or self._in_memory:
@@ -173,6 +195,7 @@ class SqliteLedger:
                     "INSERT INTO schema_migrations VALUES (?, ?)", (name, self._clock())
                 )
 
+    @_serialised
     def migrations(self) -> list[tuple[str, str | None]]:
         """Every known migration with when it was applied (None = pending)."""
         applied = dict(self._db.execute("SELECT name, applied_at FROM schema_migrations"))
@@ -194,11 +217,13 @@ class SqliteLedger:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    @_serialised
     def get(self, gmail_id: str) -> LedgerEntry | None:
         """The row of a message, or None if it was never decided."""
         row = self._db.execute("SELECT * FROM messages WHERE gmail_id = ?", (gmail_id,)).fetchone()
         return None if row is None else _entry(row)
 
+    @_serialised
     def unfinished(self) -> list[LedgerEntry]:
         """Replies begun but not completed (sending or sent), oldest first."""
         rows = self._db.execute(
@@ -207,6 +232,7 @@ class SqliteLedger:
         )
         return [_entry(r) for r in rows]
 
+    @_serialised
     def entries(self, limit: int = 50) -> list[LedgerEntry]:
         """The most recently updated rows, newest first."""
         rows = self._db.execute(
@@ -214,6 +240,7 @@ class SqliteLedger:
         )
         return [_entry(r) for r in rows]
 
+    @_serialised
     def history(
         self, *, since: datetime | None = None, action: str | None = None, limit: int = 100
     ) -> list[HistoryEntry]:
@@ -242,6 +269,7 @@ class SqliteLedger:
 
     # -- the mailbox as a whole -------------------------------------------------------------------
 
+    @_serialised
     def history_id(self) -> int | None:
         """The Gmail history id the last complete cycle reached; None when a full sync is due."""
         try:
@@ -254,6 +282,7 @@ class SqliteLedger:
             raise StateError(f"{self.path}: {exc}") from None
         return None if row is None else int(row[0])
 
+    @_serialised
     def record_history_id(self, history_id: int | None) -> None:
         """Store where the next cycle's history starts; None forgets it, so a full sync is next.
 
@@ -274,21 +303,25 @@ class SqliteLedger:
 
     # -- writing ----------------------------------------------------------------------------------
 
+    @_serialised
     def record_final(self, gmail_id: str, thread_id: str, decision: Decision,
                      customer_id: str | None = None) -> None:
         """A skip or escalation that is complete: nothing more will be done for this message."""
         self._upsert(gmail_id, thread_id, decision, DONE, customer_id=customer_id)
 
+    @_serialised
     def record_intent(self, gmail_id: str, thread_id: str, decision: Decision, *,
                       customer_id: str, reply_message_id: str) -> None:
         """Before minting and sending: which reply (by its own Message-ID) is about to go out."""
         self._upsert(gmail_id, thread_id, decision, SENDING, customer_id=customer_id,
                      portal_session_id=None, reply_message_id=reply_message_id)
 
+    @_serialised
     def record_session(self, gmail_id: str, portal_session_id: str) -> None:
         """The portal session minted for the intended reply (its id; never its URL)."""
         self._update(gmail_id, portal_session_id=portal_session_id)
 
+    @_serialised
     def record_sent(self, gmail_id: str, sent_gmail_id: str, *, drafted: bool = False) -> None:
         """Gmail accepted the reply: sent, or (``drafted``) left as a draft in the thread."""
         self._update(
@@ -296,12 +329,14 @@ class SqliteLedger:
             reply_drafted=int(drafted), last_error=None,
         )
 
+    @_serialised
     def record_done(self, gmail_id: str) -> None:
         """The thread is labelled: the message is completely handled."""
         self._update(gmail_id, state=DONE, last_error=None)
 
     # -- replies already sent, or possibly sent (for limits.py) ------------------------------------
 
+    @_serialised
     def last_reply_to(self, sender: str) -> datetime | None:
         """When a reply last went to ``sender`` (case-insensitive), if ever."""
         row = self._db.execute(
@@ -311,6 +346,7 @@ class SqliteLedger:
         ).fetchone()
         return datetime.fromisoformat(row[0]) if row and row[0] else None
 
+    @_serialised
     def replied_in_thread(self, thread_id: str) -> bool:
         """Whether a reply was ever sent in this thread."""
         row = self._db.execute(
@@ -319,6 +355,7 @@ class SqliteLedger:
         ).fetchone()
         return row is not None
 
+    @_serialised
     def replies_since(self, since: datetime) -> int:
         """How many replies were sent since ``since``, counting those in doubt (``sending``)."""
         row = self._db.execute(
@@ -328,6 +365,7 @@ class SqliteLedger:
         ).fetchone()
         return int(row[0])
 
+    @_serialised
     def reply_in_doubt(self, sender: str, thread_id: str, other_than: str) -> bool:
         """Whether another message's reply to this sender or thread may have gone out unseen.
 
@@ -341,6 +379,7 @@ class SqliteLedger:
         ).fetchone()
         return row is not None
 
+    @_serialised
     def record_failure(self, gmail_id: str, thread_id: str, error: str) -> int:
         """A transient failure: the message stays for the next cycle; returns its failure count."""
         now = self._clock()
@@ -391,6 +430,7 @@ class SqliteLedger:
                 {**values, "gmail_id": gmail_id},
             )
 
+    @_serialised
     def close(self) -> None:
         """Close the database."""
         self._db.close()

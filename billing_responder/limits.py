@@ -4,7 +4,9 @@ RFC 3834 (section 2) and Sieve vacation (RFC 5230, section 4.6) ask an auto-resp
 the same sender again within a period, and practice adds two more guards: one automatic reply per
 thread, ever, and a global ceiling that trips like a circuit breaker when something is wrong (a
 loop with another robot, a flood, a forged campaign). A first run against years of unread mail
-must not answer ancient messages either.
+must not answer ancient messages either. Beside the breaker sits the daily send cap: Google
+Workspace stops a mailbox that sends about 2,000 messages in 24 hours, and a mailbox that cannot
+send cannot answer anyone, so the responder stops short of it and hands the rest to a person.
 
 The counts come from the ledger (:class:`ReplyHistory`), so none of this resets on restart; the
 breaker stays tripped until its one-hour window has passed.
@@ -25,6 +27,7 @@ from typing import Protocol
 from billing_responder.model import Action
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 #: The wait after a message's first failure; it doubles with each further failure.
 RETRY_BASE = timedelta(seconds=30)
 
@@ -37,6 +40,7 @@ class Limits:
     per_sender_hours: float = 24.0
     max_replies_per_hour: int = 60
     max_attempts: int = 10
+    max_sends_per_day: int = 2000
 
 
 class ReplyHistory(Protocol):
@@ -66,11 +70,22 @@ def too_old(received: datetime, now: datetime, limits: Limits) -> str | None:
 def reply_blocked(
     history: ReplyHistory, sender: str, thread_id: str, now: datetime, limits: Limits
 ) -> tuple[Action, str] | None:
-    """Why a reply that triage allowed must not go out now, and what to do instead; or None.
+    """Why a reply that triage allowed must not go out now, and what to do instead; or None:
+    :func:`sender_blocked`, then :func:`send_cap`."""
+    blocked = sender_blocked(history, sender, thread_id, now, limits)
+    if blocked is not None:
+        return blocked
+    cap = send_cap(history, now, limits)
+    return None if cap is None else (Action.ESCALATE, cap.reason)
 
-    A thread already answered, or a sender answered within the per-sender period, is skipped
-    (answering again is exactly what the limits exist to prevent). A tripped breaker escalates:
-    the message may well deserve an answer, but a person must look first.
+
+def sender_blocked(
+    history: ReplyHistory, sender: str, thread_id: str, now: datetime, limits: Limits
+) -> tuple[Action, str] | None:
+    """Why this sender or thread must not get a reply now (it is skipped), or None.
+
+    A thread already answered, or a sender answered within the per-sender period, is skipped:
+    answering again is exactly what the limits exist to prevent.
     """
     if history.replied_in_thread(thread_id):
         return Action.SKIP, "rate-limited: this thread already got an automatic reply"
@@ -81,12 +96,36 @@ def reply_blocked(
             f"rate-limited: this sender got an automatic reply at {last:%Y-%m-%d %H:%M} UTC "
             f"(at most one per {limits.per_sender_hours:g} h, [limits] per_sender_hours)"
         )
+    return None
+
+
+@dataclass(frozen=True)
+class SendCap:
+    """A reached ceiling on replies: ``window`` is "hour" (the breaker) or "day"."""
+
+    window: str
+    reason: str
+
+
+def send_cap(history: ReplyHistory, now: datetime, limits: Limits) -> SendCap | None:
+    """The ceiling on replies a further reply would break, or None.
+
+    Either way the message may well deserve an answer, but none may go out now: it is escalated.
+    The caller checks this and records its own reply's intent as one step, so replies made at the
+    same time cannot all slip under the same ceiling.
+    """
+    today = history.replies_since(now - DAY)
+    if today >= limits.max_sends_per_day:
+        return SendCap("day", (
+            f"daily send cap: {today} automatic replies in the last 24 hours "
+            f"([limits] max_sends_per_day = {limits.max_sends_per_day}); sending paused"
+        ))
     sent = history.replies_since(now - HOUR)
     if sent >= limits.max_replies_per_hour:
-        return Action.ESCALATE, (
+        return SendCap("hour", (
             f"circuit breaker: {sent} automatic replies in the last hour "
             f"([limits] max_replies_per_hour = {limits.max_replies_per_hour}); sending paused"
-        )
+        ))
     return None
 
 

@@ -20,6 +20,10 @@ share counts). Counters start at zero with the process:
                                                       the reply going out (or the draft made)
     billing_responder_last_success_timestamp_seconds  when the last cycle ended without error
                                                       (0: none yet)
+    billing_responder_send_cap_reached{window}        1 when the last cycle sent billing mail to
+                                                      a person because of a ceiling on replies:
+                                                      window="hour" (max_replies_per_hour) or
+                                                      "day" (max_sends_per_day); else 0
     process_*                                         CPU, memory, open files, start time;
                                                       absent under the shipped unit, whose
                                                       ProcSubset=pid hides the /proc/stat they
@@ -83,6 +87,9 @@ class Metrics:
 
     def cycle_finished(self, seconds: float, *, succeeded: bool) -> None:
         """A cycle took ``seconds``; ``succeeded``: it ended without an error."""
+
+    def send_caps(self, windows: frozenset[str]) -> None:
+        """The ceilings on replies the last cycle met: "hour", "day", or none."""
 
     def fatal_error(self, service: str) -> None:
         """A cycle was stopped by ``service``'s error (a FatalServiceError's ``service``)."""
@@ -154,6 +161,15 @@ class PrometheusMetrics(Metrics):
             "When the last cycle ended without an error (Unix time; 0: none yet).",
             registry=registry,
         )
+        self._send_cap = Gauge(
+            "billing_responder_send_cap_reached",
+            "1 when the last cycle sent billing mail to a person because of a ceiling on replies"
+            " (the hourly breaker, or the daily send cap).",
+            ["window"],
+            registry=registry,
+        )
+        for window in ("hour", "day"):
+            self._send_cap.labels(window=window).set(0)
         ProcessCollector(registry=registry)
         # Every label value exists from the start at 0, so a rate() over a fresh process and an
         # alert on "any errors" see the series before the first increment.
@@ -191,6 +207,11 @@ class PrometheusMetrics(Metrics):
         self._cycle.observe(seconds)
         if succeeded:
             self._last_success.set(self._clock())
+
+    def send_caps(self, windows: frozenset[str]) -> None:
+        """The ceilings on replies the last cycle met ("hour", "day"; none: all clear)."""
+        for window in ("hour", "day"):
+            self._send_cap.labels(window=window).set(1 if window in windows else 0)
 
     def fatal_error(self, service: str) -> None:
         """Count the error that stopped a cycle against its service."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -30,7 +31,14 @@ from billing_responder.errors import (
     MessageGoneError,
     TransientServiceError,
 )
-from billing_responder.limits import Limits, next_attempt, reply_blocked, too_old
+from billing_responder.limits import (
+    Limits,
+    SendCap,
+    next_attempt,
+    send_cap,
+    sender_blocked,
+    too_old,
+)
 from billing_responder.model import (
     DONE,
     SENDING,
@@ -45,6 +53,7 @@ from billing_responder.model import (
 )
 from billing_responder.ports import Billing, Ledger, Mailbox
 from billing_responder.render import ReplyContext, ReplyRenderer
+from billing_responder.workers import Claims, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +110,20 @@ class Outcome:
     dry_run_html: str | None = None
     error: str | None = None
     #: When Gmail received the message (ms since the epoch), where it was fetched: for the
-    #: arrival-to-reply latency.
+    #: arrival-to-reply latency, and to list a cycle's outcomes in arrival order.
     received_ms: int | None = None
+    #: The ceiling on replies that made this an escalation: "hour" (the circuit breaker) or
+    #: "day" (the daily send cap); None when no ceiling was met.
+    send_cap: str | None = None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A message a cycle looks at; ``subject_unchecked`` when the history, not the search, listed
+    it (its subject is then checked before anything else)."""
+
+    ref: MessageRef
+    subject_unchecked: bool = False
 
 
 @dataclass
@@ -114,6 +135,10 @@ class CycleReport:
     def count(self, status: Status) -> int:
         """How many messages ended with ``status``."""
         return sum(1 for o in self.outcomes if o.status is status)
+
+    def send_caps(self) -> frozenset[str]:
+        """The ceilings on replies met in this cycle: "hour", "day", or none."""
+        return frozenset(o.send_cap for o in self.outcomes if o.send_cap is not None)
 
     def summary(self) -> str:
         """One line, e.g. ``3 messages: 1 replied, 2 skipped``."""
@@ -138,6 +163,8 @@ class Settings:
     #: "send" the reply, or "draft" it in the thread for a person to check and send.
     reply_mode: str = "send"
     drafted_label: str = "billing-responder/drafted"
+    #: Messages handled at the same time ([concurrency] workers).
+    workers: int = 1
 
     @property
     def drafting(self) -> bool:
@@ -162,11 +189,13 @@ class Settings:
             authserv_id=config.security.authserv_id,
             reply_mode=config.reply.mode,
             drafted_label=config.labels.drafted,
+            workers=config.concurrency.workers,
             limits=Limits(
                 max_age_days=config.triage.max_age_days,
                 per_sender_hours=config.limits.per_sender_hours,
                 max_replies_per_hour=config.limits.max_replies_per_hour,
                 max_attempts=config.limits.max_attempts,
+                max_sends_per_day=config.limits.max_sends_per_day,
             ),
         )
 
@@ -212,6 +241,9 @@ class Responder:
         self.dry_run = dry_run
         self.address = ""
         self._policy: triage.TriagePolicy | None = None
+        self._pool = WorkerPool(settings.workers)
+        self._claims = Claims()
+        self._admitting = threading.Lock()
 
     def start(self) -> None:
         """Check both services and the templates once; make sure the labels exist (unless dry)."""
@@ -232,37 +264,60 @@ class Responder:
             trusted_authserv_ids=(self.settings.authserv_id,),
         )
 
+    def close(self) -> None:
+        """Let the worker threads end."""
+        self._pool.close()
+
     def cycle(
         self,
         *,
         should_stop: Callable[[], bool] = lambda: False,
         on_outcome: Callable[[Outcome], None] = lambda outcome: None,
     ) -> CycleReport:
-        """Handle every candidate message now in the mailbox, oldest first.
+        """Handle every candidate message now in the mailbox, ``[concurrency] workers`` at a time.
 
         Candidates come from what changed since the last complete cycle (see :meth:`_candidates`);
-        the history id reached is stored only after every candidate was handled, so a crash or a
-        stop replays that window rather than skipping it.
+        replies an earlier run left unfinished come first. The history id reached is stored only
+        after every candidate was handled, so a crash or a stop replays that window rather than
+        skipping it. Outcomes are reported on this thread as the messages finish.
         """
         if self._policy is None:
             self.start()
         report = CycleReport()
-        refs, reached = self._candidates()
-        refs = self._unfinished(refs) + refs
-        for position, ref in enumerate(refs):
-            if should_stop():
-                log.info("stopping: %d candidate(s) left for the next cycle", len(refs) - position)
-                return report
-            outcome = self.handle(ref)
-            report.outcomes.append(outcome)
-            on_outcome(outcome)
+        listed, reached = self._candidates()
+        unfinished = self._unfinished()
+        again = {c.ref.id for c in unfinished}
+
+        def finished(outcome: Outcome | None) -> None:
+            if outcome is not None:
+                report.outcomes.append(outcome)
+                on_outcome(outcome)
+
+        # The unfinished first, and apart: until a reply in doubt is resolved, other mail from
+        # that sender or in that thread would only be deferred again.
+        done = all(
+            self._pool.run(
+                batch, self._handle_candidate, should_stop=should_stop, on_result=finished
+            )
+            for batch in (unfinished, (c for c in listed if c.ref.id not in again))
+        )
+        capped = [o for o in report.outcomes if o.send_cap is not None]
+        if capped:
+            reason = capped[-1].decision.reasons[-1] if capped[-1].decision else "a ceiling"
+            log.warning(
+                "%d billing email(s) went to a person instead of being answered: %s",
+                len(capped), reason,
+            )
+        if not done:
+            log.info("stopping: the candidates not started wait for the next cycle")
+            return report
         self._remember_history(reached, report)
         return report
 
     # -- where candidates come from ---------------------------------------------------------------
 
-    def _candidates(self) -> tuple[list[MessageRef], int | None]:
-        """This cycle's candidates, oldest first, and the history id they bring us to.
+    def _candidates(self) -> tuple[Iterable[_Candidate], int | None]:
+        """This cycle's candidates and the history id they bring us to.
 
         Incremental: the messages added or relabelled since the stored history id that may be
         candidates now (one users.history.list call, 2 quota units, when nothing happened).
@@ -270,6 +325,10 @@ class Responder:
         run, the cycle after one that left messages for later (they arrived in a window already
         passed), or a history id Gmail no longer keeps (a long downtime). Its history id is read
         *before* the listing, so mail arriving during the listing is in the next window.
+
+        The search is read page by page as the workers take its messages (Gmail lists newest
+        first, 500 a page), each page oldest first: a backlog of up to a page is answered in
+        arrival order, and no more than one page of ids is held, however long the backlog.
         """
         start = None if self.dry_run else self.ledger.history_id()
         if start is not None:
@@ -286,60 +345,42 @@ class Responder:
         else:
             log.debug("full sync: no history id stored (first cycle, dry run, or mail left over)")
         listed_from = None if self.dry_run else self.mailbox.history_id()
-        # Gmail lists newest first; answering in arrival order is fairer. Ids only are held.
-        refs = list(self.mailbox.candidates(candidate_query(self.settings)))
-        refs.reverse()
-        return refs, listed_from
+        pages = self.mailbox.candidate_pages(candidate_query(self.settings))
+        listing = (_Candidate(ref) for page in pages for ref in reversed(page))
+        return listing, listed_from
 
-    def _unfinished(self, refs: list[MessageRef]) -> list[MessageRef]:
-        """Replies an earlier run began but did not finish, that this cycle would not list.
+    def _unfinished(self) -> list[_Candidate]:
+        """Replies an earlier run began but did not finish, which this cycle may not list.
 
         A run killed after labelling, but before recording it, leaves a message no search or
         history window brings back (it carries our label now): its row is resolved from here.
         """
         if self.dry_run:
             return []
-        listed = {ref.id for ref in refs}
         return [
-            MessageRef(entry.gmail_id, entry.thread_id)
+            _Candidate(MessageRef(entry.gmail_id, entry.thread_id))
             for entry in self.ledger.unfinished()
-            if entry.gmail_id not in listed
         ]
 
-    def _still_candidates(self, changes: list[MailboxChange]) -> list[MessageRef]:
-        """The changed messages the candidate search would list now.
+    def _still_candidates(self, changes: list[MailboxChange]) -> list[_Candidate]:
+        """The changed messages the candidate search may list now.
 
         The labels in the history rule out, without a request, what the search excludes: read,
         archived, spam or trash, or labelled by us (our own replies and labels are in the history
-        too). A message the ledger knows is handed on as it is (``handle`` re-checks it). Any
-        other is fetched once to check its subject as the search would, so both ways of polling
-        handle, report and record the same messages; one deleted meanwhile (404) is gone, and
-        skipped, not deferred.
+        too). The rest still need their subject checked as the search would (see
+        :meth:`_handle`), so both ways of polling handle, report and record the same messages.
         """
         settings = self.settings
         handled = {
             "SPAM", "TRASH", settings.replied_label, settings.needs_human_label,
             settings.drafted_label,
         }
-        refs: list[MessageRef] = []
-        for change in changes:
-            labels = change.labels
-            if labels is not None and (not {UNREAD, "INBOX"} <= labels or labels & handled):
-                continue
-            if self.ledger.get(change.ref.id) is None:
-                try:
-                    message = self.mailbox.fetch(change.ref)
-                except MessageGoneError:
-                    log.info("message %s is gone from the mailbox (404); skipped", change.ref.id)
-                    continue
-                except TransientServiceError:
-                    pass  # handle() tries again, and defers it if it must
-                else:
-                    subject = mail.decode_header_value(message.get("Subject") or "")
-                    if triage.matching_keyword(subject, self.settings.keywords) is None:
-                        continue
-            refs.append(change.ref)
-        return refs
+        return [
+            _Candidate(change.ref, subject_unchecked=True)
+            for change in changes
+            if change.labels is None
+            or ({UNREAD, "INBOX"} <= change.labels and not change.labels & handled)
+        ]
 
     def _remember_history(self, reached: int | None, report: CycleReport) -> None:
         """Store where the next cycle starts, or forget it when messages were left for later.
@@ -361,40 +402,95 @@ class Responder:
 
     def handle(self, ref: MessageRef) -> Outcome:
         """Everything that happens to one message; a failure defers it to the next cycle."""
-        try:
-            return self._handle(ref)
-        except TransientServiceError as exc:
-            return self._defer(ref, str(exc))
-        except FatalServiceError:
-            raise
-        except Exception as exc:
-            # A bug met by one odd message must cost that message a cycle, not stop every cycle
-            # at the same message with all newer mail waiting behind it.
-            log.exception("message %s: unexpected error", ref.id)
-            return self._defer(ref, f"internal error: {type(exc).__name__}: {exc}")
+        outcome = self._handle_candidate(_Candidate(ref))
+        assert outcome is not None  # only a candidate whose subject is unchecked can be no one's
+        return outcome
 
-    def _handle(self, ref: MessageRef) -> Outcome:
+    def _handle_candidate(self, candidate: _Candidate) -> Outcome | None:
+        """:meth:`handle`, on a worker; None for a message that turned out to be no candidate.
+
+        One worker at a time holds a thread: a second message in it waits, then sees the reply
+        the first one got (or is resuming) and is skipped, as it would be one after the other.
+        """
+        ref = candidate.ref
+        with self._claims.hold(f"thread {ref.thread_id}"):
+            try:
+                return self._handle(ref, subject_unchecked=candidate.subject_unchecked)
+            except TransientServiceError as exc:
+                return self._defer(ref, str(exc))
+            except FatalServiceError:
+                raise
+            except Exception as exc:
+                # A bug met by one odd message must cost that message a cycle, not stop every
+                # cycle at the same message with all newer mail waiting behind it.
+                log.exception("message %s: unexpected error", ref.id)
+                return self._defer(ref, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _handle(self, ref: MessageRef, *, subject_unchecked: bool = False) -> Outcome | None:
         entry = self.ledger.get(ref.id)
-        if entry is not None and entry.state == DONE:
-            return Outcome(ref, Status.ALREADY_HANDLED)
         now = self.clock()
-        if entry is not None and entry.failures and not self.dry_run:
-            retry_at = next_attempt(datetime.fromisoformat(entry.updated_at), entry.failures)
-            if now < retry_at:
-                return Outcome(ref, Status.WAITING, error=entry.last_error)
-        if entry is not None and entry.state in (SENDING, SENT) and not self.dry_run:
-            resumed = self._resume(ref, entry)
-            if resumed is not None:
-                return resumed
+        if entry is None and subject_unchecked:
+            # Listed by the history, not by the search: check its subject as the search would.
+            # One that is no candidate is not reported or recorded, like one the search leaves
+            # out; one deleted meanwhile (404) is gone, not deferred.
+            try:
+                message = self.mailbox.fetch(ref)
+            except MessageGoneError:
+                log.info("message %s is gone from the mailbox (404); skipped", ref.id)
+                return None
+            subject = mail.decode_header_value(message.get("Subject") or "")
+            if triage.matching_keyword(subject, self.settings.keywords) is None:
+                return None
+        else:
+            if entry is not None and entry.state == DONE:
+                return Outcome(ref, Status.ALREADY_HANDLED)
+            if entry is not None and entry.failures and not self.dry_run:
+                retry_at = next_attempt(datetime.fromisoformat(entry.updated_at), entry.failures)
+                if now < retry_at:
+                    return Outcome(ref, Status.WAITING, error=entry.last_error)
+            if entry is not None and entry.state in (SENDING, SENT) and not self.dry_run:
+                resumed = self._resume(ref, entry)
+                if resumed is not None:
+                    return resumed
+            message = self.mailbox.fetch(ref)
+        outcome = self._decide(ref, entry, message, now)
+        if outcome.received_ms is None and message.internal_date_ms:
+            outcome = replace(outcome, received_ms=message.internal_date_ms)
+        return outcome
 
-        message = self.mailbox.fetch(ref)
-        decision = self._within_limits(triage.decide(message, self._triage_policy()), message, now)
+    def _decide(
+        self, ref: MessageRef, entry: LedgerEntry | None, message: IncomingMessage, now: datetime
+    ) -> Outcome:
+        decision = triage.decide(message, self._triage_policy())
+        decision = self._too_old(decision, message, now)
         if decision.action is Action.SKIP:
             return self._skip(ref, decision)
         if decision.action is Action.ESCALATE or decision.sender is None:
             return self._escalate(ref, decision)
+        # One worker at a time answers a sender, so the per-sender limit sees every reply.
+        with self._claims.hold(f"sender {decision.sender.lower()}"):
+            return self._answer(ref, entry, message, decision, now)
 
+    def _answer(
+        self,
+        ref: MessageRef,
+        entry: LedgerEntry | None,
+        message: IncomingMessage,
+        decision: Decision,
+        now: datetime,
+    ) -> Outcome:
+        """Look up the customer, mint the session, render and send (or draft) the reply."""
         sender = decision.sender
+        assert sender is not None
+        if self.ledger.reply_in_doubt(sender, message.thread_id, message.id):
+            # Wait until that send is resolved rather than risk a second reply.
+            raise TransientServiceError(
+                "ledger", "another reply to this sender or thread is not resolved yet"
+            )
+        blocked = sender_blocked(self.ledger, sender, message.thread_id, now, self.settings.limits)
+        if blocked is not None:
+            return self._skip(ref, _with_reason(decision, *blocked))
+
         customer = choose_customer(self.billing.find_customers(sender), sender)
         if customer is None:
             reason = "no Stripe customer has this sender's address"
@@ -406,16 +502,32 @@ class Responder:
         # that sent nothing is taken up again under its own id, so Stripe replays its session.
         resumed_id = entry.reply_message_id if entry and entry.state == SENDING else None
         reply_id = resumed_id or self._new_reply_id()
+        if resumed_id is None:
+            cap = self._admit(ref, decision, customer.id, reply_id, now)
+            if cap is not None:
+                escalated = self._escalate(ref, _with_reason(decision, Action.ESCALATE, cap.reason))
+                return replace(escalated, send_cap=cap.window)
+        elif not self.dry_run:
+            # Admitted before, and still counted under the ceilings; the choice of customer is
+            # brought up to date.
+            self.ledger.record_intent(
+                ref.id, ref.thread_id, decision, customer_id=customer.id, reply_message_id=reply_id
+            )
         if self.dry_run:
             portal_url = DRY_RUN_PORTAL_URL
         else:
             try:
-                session = self._mint(ref, decision, customer.id, reply_id)
+                session = self._mint(ref, customer.id, reply_id)
             except IdempotencyConflictError:
                 # The key was first used for another choice (say, a newer customer record):
-                # what the interrupted attempt minted is not what is needed now.
+                # what the interrupted attempt minted is not what is needed now. The new attempt
+                # takes the old one's place (and its place under the ceilings).
                 reply_id = self._new_reply_id()
-                session = self._mint(ref, decision, customer.id, reply_id)
+                self.ledger.record_intent(
+                    ref.id, ref.thread_id, decision,
+                    customer_id=customer.id, reply_message_id=reply_id,
+                )
+                session = self._mint(ref, customer.id, reply_id)
             portal_url = session.url
 
         # The whole subject, not the shortened one the decision shows: Gmail threads a reply
@@ -479,37 +591,35 @@ class Responder:
                 sender, ref.id, ref.thread_id, customer_id,
             )
 
-    def _within_limits(
-        self, decision: Decision, message: IncomingMessage, now: datetime
-    ) -> Decision:
-        """Triage's decision, turned into a skip or escalation where a limit says so."""
-        limits = self.settings.limits
+    def _too_old(self, decision: Decision, message: IncomingMessage, now: datetime) -> Decision:
+        """Triage's decision, turned into a skip when the message is too old to answer."""
         if decision.action is not Action.SKIP and message.internal_date_ms:
             received = datetime.fromtimestamp(message.internal_date_ms / 1000, UTC)
-            old = too_old(received, now, limits)
+            old = too_old(received, now, self.settings.limits)
             if old is not None:
                 return _with_reason(decision, Action.SKIP, old)
-        if decision.action is Action.REPLY and decision.sender is not None:
-            if self.ledger.reply_in_doubt(decision.sender, message.thread_id, message.id):
-                # Wait until that send is resolved rather than risk a second reply.
-                raise TransientServiceError(
-                    "ledger", "another reply to this sender or thread is not resolved yet"
-                )
-            blocked = reply_blocked(self.ledger, decision.sender, message.thread_id, now, limits)
-            if blocked is not None:
-                return _with_reason(decision, *blocked)
         return decision
+
+    def _admit(
+        self, ref: MessageRef, decision: Decision, customer_id: str, reply_id: str, now: datetime
+    ) -> SendCap | None:
+        """Let one more reply under the breaker and the daily cap, and record its intent, as one
+        step: workers answering at the same time cannot all slip under the same ceiling. The
+        ceiling met instead, if any (then nothing is recorded)."""
+        with self._admitting:
+            cap = send_cap(self.ledger, now, self.settings.limits)
+            if cap is None and not self.dry_run:
+                self.ledger.record_intent(
+                    ref.id, ref.thread_id, decision,
+                    customer_id=customer_id, reply_message_id=reply_id,
+                )
+            return cap
 
     def _new_reply_id(self) -> str:
         return mail.new_message_id(mail.reply_message_id_domain(self.address))
 
-    def _mint(
-        self, ref: MessageRef, decision: Decision, customer_id: str, reply_id: str
-    ) -> PortalSession:
-        """Record the intent, then mint its portal session (once per attempt, whatever retries)."""
-        self.ledger.record_intent(
-            ref.id, ref.thread_id, decision, customer_id=customer_id, reply_message_id=reply_id
-        )
+    def _mint(self, ref: MessageRef, customer_id: str, reply_id: str) -> PortalSession:
+        """Mint the portal session of a recorded intent (once per attempt, whatever retries)."""
         attempt = hashlib.sha256(reply_id.encode()).hexdigest()[:16]
         session = self.billing.create_portal_session(
             customer_id, idempotency_key=f"billing-responder-{ref.id}-{attempt}"

@@ -38,8 +38,9 @@ class Mailbox(Protocol):
     def label_ids(self, names: Sequence[str], *, create: bool) -> dict[str, str | None]:
         """Label name → id; creates the missing ones when ``create``, else maps them to None."""
 
-    def candidates(self, query: str) -> Iterator[MessageRef]:
-        """Every message matching a Gmail search query, across all pages."""
+    def candidate_pages(self, query: str) -> Iterator[list[MessageRef]]:
+        """Every message matching a Gmail search query, newest first, a page at a time (each
+        page is asked for only when the previous one is used up)."""
 
     def history_id(self) -> int:
         """The mailbox's current history id: a later :meth:`changes_since` starts from it."""

@@ -95,6 +95,7 @@ class ReviewWriter:
 
     def __init__(self, folder: Path, *, templates_dir: Path | None = None) -> None:
         self.folder = folder
+        self._outcomes: list[Outcome] = []
         self._items: list[Item] = []
         templates = templates_dir or default_templates_dir() / "review"
         self._env = jinja2.Environment(
@@ -135,7 +136,11 @@ class ReviewWriter:
             raise UsageError(f"{where}: {exc.strerror or exc}") from None
 
     def add(self, outcome: Outcome) -> None:
-        """Record one outcome (and write its reply files, for a would-be reply)."""
+        """Record one outcome; :meth:`finish` writes it."""
+        self._outcomes.append(outcome)
+
+    def _write_item(self, outcome: Outcome) -> None:
+        """Number one outcome, and write its reply files, for a would-be reply."""
         number = len(self._items) + 1
         decision = outcome.decision
         reasons = decision.reasons if decision is not None else ()
@@ -172,7 +177,10 @@ class ReviewWriter:
         self._items.append(item)
 
     def finish(self, report: CycleReport) -> Path:
-        """Write the index page; its path."""
+        """Write the files, numbered in arrival order (workers finish messages in any order),
+        and the index page; its path."""
+        for outcome in sorted(self._outcomes, key=_arrival):
+            self._write_item(outcome)
         counts = [
             Count(status.value, _KIND.get(status.value, "handled"), report.count(status))
             for status in Status
@@ -193,6 +201,11 @@ class ReviewWriter:
             _write_private(self.folder / name, data)
         except OSError as exc:
             raise UsageError(f"--review {self.folder}: {name}: {exc.strerror or exc}") from None
+
+
+def _arrival(outcome: Outcome) -> tuple[bool, int, str]:
+    """Oldest first; outcomes of messages not fetched (already handled...) last."""
+    return (outcome.received_ms is None, outcome.received_ms or 0, outcome.ref.id)
 
 
 def _write_private(path: Path, data: bytes) -> None:

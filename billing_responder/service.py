@@ -12,6 +12,12 @@ from billing_responder.billing import StripeBilling, key_mode
 from billing_responder.config import Config, stripe_api_key
 from billing_responder.errors import ConfigError, FatalServiceError, StateError
 from billing_responder.gmail import GmailMailbox, load_credentials
+from billing_responder.governor import (
+    STRIPE_LIMITS,
+    TokenBucket,
+    gmail_governor,
+    stripe_governor,
+)
 from billing_responder.ledger import SqliteLedger
 from billing_responder.metrics import Metrics, start_metrics
 from billing_responder.pipeline import CycleReport, Outcome, Responder, Settings
@@ -46,6 +52,7 @@ class Service:
         try:
             report = self.responder.cycle(should_stop=should_stop, on_outcome=observed)
             succeeded = True
+            self.metrics.send_caps(report.send_caps())
             return report
         except FatalServiceError as exc:
             self.metrics.fatal_error(exc.service)
@@ -59,12 +66,20 @@ class Service:
         """Release the connections, the database and the metrics endpoint, each whatever the
         others do (the first error is raised after all were tried)."""
         with contextlib.ExitStack() as stack:
-            for resource in (self.metrics, self.ledger, self.billing, self.mailbox):
-                stack.callback(resource.close)  # run in reverse: the mailbox first
+            for resource in (
+                self.metrics, self.ledger, self.billing, self.mailbox, self.responder
+            ):
+                stack.callback(resource.close)  # in reverse: the workers finish, then the rest
 
 
-def open_billing(config: Config, api_key: str) -> StripeBilling:
-    """Stripe as ``[stripe]`` says (the commands beside the daemon use it too)."""
+def open_billing(config: Config, api_key: str, *, governed: bool = False) -> StripeBilling:
+    """Stripe as ``[stripe]`` says (the commands beside the daemon use it too); ``governed``: kept
+    under Stripe's rate limits for the key's mode, shared by every worker (see governor.py)."""
+    limits: dict[str, TokenBucket] = {}
+    if governed:
+        per_second = config.stripe.requests_per_second or STRIPE_LIMITS[key_mode(api_key)]
+        limits["governor"] = stripe_governor(per_second)
+        limits["search_governor"] = stripe_governor(config.stripe.search_requests_per_second)
     return StripeBilling(
         api_key,
         api_base=config.stripe.api_base,
@@ -72,6 +87,7 @@ def open_billing(config: Config, api_key: str) -> StripeBilling:
         portal_configuration=config.stripe.portal_configuration,
         locale=config.stripe.locale,
         timeout_seconds=config.stripe.timeout_seconds,
+        **limits,
     )
 
 
@@ -87,9 +103,14 @@ def build_service(config: Config, *, dry_run: bool, serve_metrics: bool = True) 
     with contextlib.ExitStack() as opened:  # closes what was opened if a later step fails
         metrics = start_metrics(config) if serve_metrics else Metrics()
         opened.callback(metrics.close)
-        mailbox = GmailMailbox(config.gmail, credentials, on_quota=metrics.gmail_quota)
+        mailbox = GmailMailbox(
+            config.gmail,
+            credentials,
+            on_quota=metrics.gmail_quota,
+            governor=gmail_governor(config.gmail.quota_units_per_minute),
+        )
         opened.callback(mailbox.close)
-        billing = open_billing(config, api_key)
+        billing = open_billing(config, api_key, governed=True)
         opened.callback(billing.close)
         try:
             ledger = SqliteLedger(config.state.database, read_only=dry_run)

@@ -42,6 +42,8 @@ JSON_FIELDS = {
 def handled(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> list[Seeded]:
     """The demo inbox after one real `once`: four replies, one escalation, three skips."""
     monkeypatch.setenv("COLUMNS", "250")  # wide enough that nothing is cut, unless a test says
+    # One worker: the rows are then written in arrival order, which the ordering tests rely on.
+    sandbox.set_config("[concurrency]\nworkers = 1")
     seeded = [s for s in seed(sandbox.gmail, sandbox.stripe) if s.expected != "untouched"]
     assert sandbox.cli("once").code == 0
     return seeded

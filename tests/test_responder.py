@@ -661,7 +661,8 @@ class TestWhatTheLedgerAndMailboxShow:
         assert entry.portal_session_id == sandbox.stripe.portal_sessions()[0].id
 
     def test_older_message_is_answered_first(self, sandbox: Sandbox) -> None:
-        """Gmail lists newest first; the responder answers the oldest waiting message first."""
+        """Gmail lists newest first; within a page the responder takes the oldest waiting message first."""
+        sandbox.set_config("[concurrency]\nworkers = 1")  # with more, both are in flight at once
         sandbox.stripe.add_customer("ada@example.com")
         sandbox.stripe.add_customer("bob@example.org")
         now_ms = int(time.time() * 1000)
