@@ -18,6 +18,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -247,16 +248,20 @@ class Responder:
 
     def start(self) -> None:
         """Check both services and the templates once; make sure the labels exist (unless dry)."""
-        self.address = self.mailbox.address()
-        # Stripe before the labels: a wrong key must stop the start before anything is written.
-        self.billing.verify()
+        # Stripe is checked while Gmail is asked (start-up time is the sum of the round trips),
+        # and before the labels: a wrong key must stop the start before anything is written.
+        with ThreadPoolExecutor(1, thread_name_prefix="start") as beside:
+            stripe_checked = beside.submit(self.billing.verify)
+            self.address = self.mailbox.address()
+            send_as = self.mailbox.send_as_addresses()
+            stripe_checked.result()
         self.renderer.check()
         names = [self.settings.answered_label, self.settings.needs_human_label]
         labels = self.mailbox.label_ids(names, create=not self.dry_run)
         missing = [name for name, label_id in labels.items() if label_id is None]
         if missing:
             log.info("dry run: would create the labels %s", ", ".join(missing))
-        aliases = [a for a in self.mailbox.send_as_addresses() if a.lower() != self.address.lower()]
+        aliases = [a for a in send_as if a.lower() != self.address.lower()]
         self._policy = triage.TriagePolicy(
             keywords=self.settings.keywords,
             mailbox_address=self.address,
