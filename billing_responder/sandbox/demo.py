@@ -23,6 +23,10 @@ from billing_responder.sandbox.stripe import DEFAULT_API_KEY, StripeEmulator
 from billing_responder.service import build_service
 
 
+#: What the sandbox config says for an emulator that enforces no quota: pace to nothing.
+UNLIMITED_QUOTA = 1_000_000
+
+
 def write_sandbox_config(folder: Path, gmail: GmailEmulator, stripe: StripeEmulator) -> Path:
     """A config, token file and key file pointing at the emulators; returns the config path."""
     token = {
@@ -40,6 +44,8 @@ def write_sandbox_config(folder: Path, gmail: GmailEmulator, stripe: StripeEmula
 token_file = "token.json"
 token_uri = "{gmail.url}/token"
 api_endpoint = "{gmail.url}"
+# The responder paces itself to this; the emulator enforces a quota only when given one.
+quota_units_per_minute = {gmail.quota_units_per_minute or UNLIMITED_QUOTA}
 
 [stripe]
 api_base = "{stripe.url}"
