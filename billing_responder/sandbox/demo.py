@@ -22,7 +22,6 @@ from billing_responder.sandbox.inbox import MAILBOX, Seeded, seed
 from billing_responder.sandbox.stripe import DEFAULT_API_KEY, StripeEmulator
 from billing_responder.service import build_service
 
-
 #: What the sandbox config says for an emulator that enforces no quota: pace to nothing.
 UNLIMITED_QUOTA = 1_000_000
 
