@@ -30,7 +30,7 @@ def drain_plot(path: Path, drains: Sequence[Drain]) -> None:
         panels[0].text(0.5, 0.5, "no drain measured", ha="center", transform=panels[0].transAxes)
     for panel, (title, members) in zip(panels, groups, strict=False):
         longest = 1.0
-        for drain in members:
+        for drain in sorted(members, key=lambda d: -d.n):  # the shorter drains drawn on top
             seconds = [0.0, *(t for t, _ in drain.curve)]
             replies = [0, *(n for _, n in drain.curve)]
             longest = max(longest, seconds[-1])
